@@ -1,0 +1,336 @@
+"""The two-network semi-supervised trainer of Karimijafarbigloo et al. (MIDL 2024) as a MONAI Ignite engine.
+
+MONAI's :class:`~monai.engines.SupervisedTrainer` trains one network on one stream of labelled batches. The
+method needs two networks (a predictive V-Net that teaches and an auxiliary ResNet-VNet with the MultiCURE
+block that learns from it) and two data streams (labelled and unlabelled) per iteration, so this module
+subclasses :class:`SupervisedTrainer` and replaces only its ``_iteration``; everything else (events, handlers,
+AMP scaler, ``prepare_batch``, ``max_epochs``/``epoch_length``, MONAI Label's ``BundleTrainTask`` overrides)
+is MONAI's own.
+
+One iteration (``L = L_s + lambda_u * L_u + lambda_c(t) * L_c``, eqs. 1-3 of the paper)::
+
+    x = cat(x_l, x_u)                                    (B_l + B_u, C, H, W, D)
+    P = softmax(predictive(x))                           teacher probabilities
+    U = max_c P < tau                                    binary uncertainty map, fed to MultiCURE
+    A = softmax(auxiliary(x, U))                         student probabilities
+    L_s = DiceCE(P_l, y_l) + DiceCE(A_l, y_l)            trains both nets
+    L_u = PL(A_u, argmax P_u | conf > 0.7)               trains the auxiliary net only (teacher detached)
+          + lambda_reg * L1(A_u, P_u on argmax A_u XOR argmax P_u)
+                                                         trains both nets (mutual correction, as MCF), unless
+                                                         ``detach_predictive_in_reg``
+    L_c = sum over ``contrastive_networks`` and feature levels of the prototype contrastive loss (eqs. 4-5),
+          each net on its own projected decoder features; reliable voxels (conf > tau) build the class
+          prototypes, uncertain voxels (conf <= tau) are pulled to their class prototype; the class of a
+          voxel is the ground truth on labelled images and the predictive net's argmax on unlabelled ones;
+          conf is always the predictive net's confidence (it is the net that defines uncertainty).
+
+The engine's output dict carries ``image``, ``label``, ``pred`` (predictive logits of the labelled batch),
+``loss`` and every term (``loss_sup``, ``loss_pseudo``, ``loss_reg``, ``loss_unsup``, ``loss_contrastive``,
+``lambda_c``, ``uncertain_fraction``, ``pseudo_mask_fraction``), so ``StatsHandler``,
+``TensorBoardStatsHandler`` and the progress bar show them without knowing the method.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from monai.engines import SupervisedTrainer
+from monai.engines.utils import IterationEvents
+from monai.utils.enums import CommonKeys as Keys
+from torch.optim.optimizer import Optimizer
+
+from multicure_monai.uncertainty import uncertainty_map
+
+__all__ = ["SemiSupervisedTrainer", "LOSS_TERMS"]
+
+LOSS_TERMS = ("loss", "loss_sup", "loss_pseudo", "loss_reg", "loss_unsup", "loss_contrastive")
+_NETWORK_NAMES = ("predictive", "auxiliary")
+
+
+def _plain(x: Any) -> Any:
+    """Drop MONAI's MetaTensor wrapper (its per-op metadata bookkeeping costs time in the hot loop)."""
+    return x.as_tensor() if hasattr(x, "as_tensor") else x
+
+
+class SemiSupervisedTrainer(SupervisedTrainer):
+    """Semi-supervised trainer with a predictive and an auxiliary network, a labelled and an unlabelled stream.
+
+    Args:
+        device: device to train on.
+        max_epochs: number of epochs; with ``epoch_length`` this gives the iteration budget
+            (the paper: 6000 iterations).
+        train_data_loader: loader of labelled batches (``image`` (B_l, C, H, W, D), ``label`` (B_l, 1, H, W, D)).
+        network: the predictive network (teacher), called as ``network(x, return_features=...)``.
+        aux_network: the auxiliary network (student), called as ``aux_network(x, uncertainty, return_features=...)``.
+        optimizer: one optimizer over the parameters of both networks.
+        loss_function: supervised loss on logits and integer labels, e.g. ``DiceCELoss(to_onehot_y=True,
+            softmax=True)``; applied to both networks (eq. 1).
+        unlabeled_data_loader: loader of unlabelled batches (``image`` only). It is cycled independently of the
+            labelled loader (re-iterated when exhausted, calling ``sampler.set_epoch`` when the sampler has one).
+        pseudo_label_loss: ``loss(aux_logits, teacher_probs)``, the confidence-masked CE + Dice of eq. 2.
+        regularization_loss: ``loss(aux_probs, pred_probs)``, the XOR-masked L1 of eq. 2.
+        contrastive_loss: ``loss(features, labels, reliable, uncertain)``, eqs. 4-5.
+        lambda_u: weight of the unsupervised loss (paper: 1.0).
+        lambda_reg: weight of the XOR regularisation inside ``L_u``.
+        contrastive_weight: ``lambda_c``, a float or a callable of the (1-based) iteration number.
+        uncertainty_threshold: confidence below which a voxel is uncertain (map for MultiCURE, and the
+            reliable/uncertain split of the contrastive loss).
+        contrastive_networks: which networks' features the contrastive loss trains (``"predictive"``,
+            ``"auxiliary"``).
+        detach_predictive_in_reg: stop the XOR regularisation's gradient into the predictive net.
+        predictive_uses_uncertainty: the predictive net holds a MultiCURE block (authors' released code); it
+            then gets the uncertainty map of a first, gradient-free pass of itself.
+        supervised_only: ablation baseline; trains both nets on labelled data only with ``L_s`` (same
+            networks, same budget); the unlabelled loader is ignored.
+        empty_unlabeled: what to do when there is no unlabelled data: ``"warn"`` (fall back to
+            supervised-only with a warning) or ``"error"``.
+        kwargs: passed to :class:`~monai.engines.SupervisedTrainer` (``epoch_length``, ``train_handlers``,
+            ``amp``, ``amp_kwargs``, ``prepare_batch``, ...).
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        max_epochs: int,
+        train_data_loader: Iterable,
+        network: torch.nn.Module,
+        aux_network: torch.nn.Module,
+        optimizer: Optimizer,
+        loss_function: Callable,
+        unlabeled_data_loader: Iterable | None = None,
+        pseudo_label_loss: Callable | None = None,
+        regularization_loss: Callable | None = None,
+        contrastive_loss: Callable | None = None,
+        lambda_u: float = 1.0,
+        lambda_reg: float = 1.0,
+        contrastive_weight: float | Callable[[int], float] = 0.0,
+        uncertainty_threshold: float = 0.7,
+        contrastive_networks: Sequence[str] = _NETWORK_NAMES,
+        detach_predictive_in_reg: bool = False,
+        predictive_uses_uncertainty: bool = False,
+        supervised_only: bool = False,
+        empty_unlabeled: str = "warn",
+        **kwargs: Any,
+    ) -> None:
+        if not 0.0 < uncertainty_threshold < 1.0:
+            raise ValueError(f"uncertainty_threshold must be in (0, 1), got {uncertainty_threshold}.")
+        if max_epochs < 1:
+            raise ValueError(f"max_epochs must be a positive integer, got {max_epochs}.")
+        for name, value in (("lambda_u", lambda_u), ("lambda_reg", lambda_reg)):
+            if value < 0:
+                raise ValueError(f"{name} must be non-negative, got {value}.")
+        if not callable(contrastive_weight) and contrastive_weight < 0:
+            raise ValueError(f"contrastive_weight must be non-negative, got {contrastive_weight}.")
+        unknown = set(contrastive_networks) - set(_NETWORK_NAMES)
+        if unknown:
+            raise ValueError(f"contrastive_networks must be among {_NETWORK_NAMES}, got {sorted(unknown)}.")
+        if empty_unlabeled not in ("warn", "error"):
+            raise ValueError(f"empty_unlabeled must be 'warn' or 'error', got {empty_unlabeled!r}.")
+        super().__init__(
+            device=device,
+            max_epochs=max_epochs,
+            train_data_loader=train_data_loader,
+            network=network,
+            optimizer=optimizer,
+            loss_function=loss_function,
+            **kwargs,
+        )
+        self.aux_network = aux_network
+        self.pseudo_label_loss = pseudo_label_loss
+        self.regularization_loss = regularization_loss
+        self.contrastive_loss = contrastive_loss
+        self.lambda_u = float(lambda_u)
+        self.lambda_reg = float(lambda_reg)
+        self.contrastive_weight = contrastive_weight
+        self.uncertainty_threshold = float(uncertainty_threshold)
+        self.contrastive_networks = tuple(contrastive_networks)
+        self.detach_predictive_in_reg = detach_predictive_in_reg
+        self.predictive_uses_uncertainty = predictive_uses_uncertainty
+
+        if not supervised_only:
+            if unlabeled_data_loader is None or _is_empty(unlabeled_data_loader):
+                message = "no unlabelled data: the semi-supervised losses need an unlabelled stream"
+                if empty_unlabeled == "error":
+                    raise ValueError(message + " (empty_unlabeled='error').")
+                warnings.warn(message + "; training falls back to supervised-only (L_s).", stacklevel=2)
+                supervised_only = True
+            elif pseudo_label_loss is None and regularization_loss is None and contrastive_loss is None:
+                raise ValueError("semi-supervised training needs at least one of the unsupervised losses.")
+        self.supervised_only = supervised_only
+        self.unlabeled_data_loader = None if supervised_only else unlabeled_data_loader
+        self._unlabeled_iter: Iterator | None = None
+        self._unlabeled_epoch = 0
+
+    # ------------------------------------------------------------------ data
+    def _next_unlabeled(self) -> torch.Tensor:
+        """Next unlabelled image batch (B_u, C, H, W, D) on the engine's device, cycling the loader."""
+        loader = self.unlabeled_data_loader
+        assert loader is not None
+        if self._unlabeled_iter is None:
+            self._unlabeled_iter = self._restart_unlabeled(loader)
+        try:
+            batch = next(self._unlabeled_iter)
+        except StopIteration:
+            self._unlabeled_epoch += 1
+            self._unlabeled_iter = self._restart_unlabeled(loader)
+            batch = next(self._unlabeled_iter)
+        image = batch[Keys.IMAGE] if isinstance(batch, dict) else batch
+        return _plain(image).to(self.state.device, non_blocking=self.non_blocking)
+
+    def _restart_unlabeled(self, loader: Iterable) -> Iterator:
+        sampler = getattr(loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(self._unlabeled_epoch)
+        return iter(loader)
+
+    def lambda_c(self, iteration: int) -> float:
+        """The contrastive weight at a 1-based iteration number."""
+        weight = self.contrastive_weight
+        return float(weight(iteration)) if callable(weight) else float(weight)
+
+    # ------------------------------------------------------------- iteration
+    def _iteration(self, engine: SupervisedTrainer, batchdata: dict[str, torch.Tensor]) -> dict:  # type: ignore[override]
+        if batchdata is None:
+            raise ValueError("Must provide batch data for current iteration.")
+        batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
+        x_l, y_l = _plain(batch[0]), _plain(batch[1])
+        if y_l is None:
+            raise ValueError("the labelled loader must provide 'label'.")
+        x_u = None if self.supervised_only else self._next_unlabeled()
+        n_l = x_l.shape[0]
+        x = x_l if x_u is None else torch.cat([x_l, x_u], dim=0)
+
+        lambda_c = 0.0 if self.supervised_only or self.contrastive_loss is None else self.lambda_c(engine.state.iteration)
+        use_contrastive = lambda_c > 0.0
+        engine.state.output = {Keys.IMAGE: x_l, Keys.LABEL: y_l}
+
+        self.network.train()
+        self.aux_network.train()
+        self.optimizer.zero_grad(set_to_none=self.optim_set_to_none)
+        autocast = self.amp and torch.device(engine.state.device).type == "cuda"
+        with torch.autocast("cuda", enabled=autocast, **(self.amp_kwargs if autocast else {})):
+            terms = self._compute_losses(x, y_l, n_l, lambda_c, use_contrastive)
+        engine.state.output.update(terms)
+        engine.state.output[Keys.PRED] = terms.pop("_pred")
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
+
+        loss = engine.state.output[Keys.LOSS]
+        self._check_finite(engine.state.output, engine.state.iteration)
+        if autocast and self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            self.optimizer.step()
+        engine.state.output.pop("_pred", None)
+        for key in LOSS_TERMS:
+            if key in engine.state.output:
+                engine.state.output[key] = engine.state.output[key].detach()
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
+
+    @staticmethod
+    def _check_finite(terms: dict[str, Any], iteration: int) -> None:
+        """Stop before the optimizer step when a loss is NaN/Inf, naming the term(s) and the iteration.
+
+        The weights are left as they were after the previous (good) iteration, so no checkpoint handler can
+        write NaN weights; the raised ``FloatingPointError`` ends the run through ignite's exception event.
+        """
+        if bool(torch.isfinite(terms[Keys.LOSS].detach())):
+            return
+        values = {k: float(terms[k].detach()) for k in LOSS_TERMS if k in terms}
+        bad = [k for k in LOSS_TERMS[1:] if k in values and not math.isfinite(values[k])]
+        names = ", ".join(f"{k}={values[k]}" for k in bad) or f"loss={values[Keys.LOSS]}"
+        raise FloatingPointError(
+            f"non-finite loss at iteration {iteration}: {names}; the step was skipped and the weights are those "
+            "of the previous iteration (check the input intensities and the learning rate; with amp, try amp=false)."
+        )
+
+    def _compute_losses(
+        self, x: torch.Tensor, y_l: torch.Tensor, n_l: int, lambda_c: float, use_contrastive: bool
+    ) -> dict[str, Any]:
+        """Forward both nets on ``x`` (labelled first) and compute every loss term; see the module docstring."""
+        pred_uncertainty = None
+        if self.predictive_uses_uncertainty:
+            with torch.no_grad():
+                pred_uncertainty = uncertainty_map(
+                    torch.softmax(self.network(x).float(), dim=1), self.uncertainty_threshold
+                )
+        want_p = use_contrastive and "predictive" in self.contrastive_networks
+        want_a = use_contrastive and "auxiliary" in self.contrastive_networks
+        logits_p, feats_p = self._forward(self.network, x, pred_uncertainty, want_p)
+        probs_p = torch.softmax(logits_p.float(), dim=1)
+        with torch.no_grad():
+            conf_p, argmax_p = probs_p.detach().max(dim=1, keepdim=True)
+            unc = (conf_p < self.uncertainty_threshold).to(probs_p.dtype)
+        logits_a, feats_a = self._forward(self.aux_network, x, unc, want_a)
+        probs_a = torch.softmax(logits_a.float(), dim=1)
+
+        labels = y_l.long()
+        loss_sup = self.loss_function(logits_p[:n_l].float(), labels).mean() + self.loss_function(
+            logits_a[:n_l].float(), labels
+        ).mean()
+        zero = loss_sup.new_zeros(())
+        loss_pseudo, loss_reg, loss_contrastive = zero, zero, zero
+        pseudo_fraction = zero
+        if not self.supervised_only:
+            if self.pseudo_label_loss is not None:
+                loss_pseudo = self.pseudo_label_loss(logits_a[n_l:].float(), probs_p[n_l:].detach())
+                fraction = getattr(self.pseudo_label_loss, "last_mask_fraction", None)
+                if fraction is not None:
+                    pseudo_fraction = torch.as_tensor(float(fraction))
+            if self.regularization_loss is not None and self.lambda_reg > 0:
+                teacher = probs_p[n_l:].detach() if self.detach_predictive_in_reg else probs_p[n_l:]
+                loss_reg = self.regularization_loss(probs_a[n_l:], teacher)
+            if use_contrastive:
+                assert self.contrastive_loss is not None
+                contrast_labels = torch.cat([labels.to(argmax_p.dtype), argmax_p[n_l:]], dim=0)
+                reliable = conf_p > self.uncertainty_threshold
+                uncertain = ~reliable
+                for feats in (feats_p, feats_a):
+                    if feats is not None:
+                        loss_contrastive = loss_contrastive + self.contrastive_loss(
+                            feats, contrast_labels, reliable, uncertain
+                        )
+        loss_unsup = loss_pseudo + self.lambda_reg * loss_reg
+        loss = loss_sup + self.lambda_u * loss_unsup + lambda_c * loss_contrastive
+        return {
+            Keys.LOSS: loss,
+            "loss_sup": loss_sup,
+            "loss_pseudo": loss_pseudo,
+            "loss_reg": loss_reg,
+            "loss_unsup": loss_unsup,
+            "loss_contrastive": loss_contrastive,
+            "lambda_c": torch.as_tensor(lambda_c),
+            "uncertain_fraction": unc.mean(),
+            "pseudo_mask_fraction": pseudo_fraction,
+            "_pred": logits_p[:n_l].detach(),
+        }
+
+    @staticmethod
+    def _forward(
+        net: torch.nn.Module, x: torch.Tensor, uncertainty: torch.Tensor | None, with_features: bool
+    ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        kwargs: dict[str, Any] = {}
+        if uncertainty is not None:
+            kwargs["uncertainty"] = uncertainty
+        if with_features:
+            logits, feats = net(x, return_features=True, **kwargs)
+            return logits, list(feats)
+        return net(x, **kwargs), None
+
+
+def _is_empty(loader: Iterable) -> bool:
+    try:
+        return len(loader) == 0  # type: ignore[arg-type]
+    except TypeError:
+        return False
+

@@ -1,0 +1,140 @@
+"""End to end: training -> evaluating -> inference -> ckpt_export through ``python -m monai.bundle``, as users run it.
+
+Tiny synthetic data (a few 32^3 phantoms) and a handful of iterations; the networks are the real ones.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser
+
+from multicure_monai.data.synthetic import generate_phantom_dataset
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = REPO / "bundle" / "configs"
+TINY = {
+    "max_iterations": "4",
+    "val_interval": "2",
+    "roi_size": "[32,32,32]",
+    "sw_stride": "[16,16,16]",
+    "sw_batch_size": "2",
+    "num_workers": "0",
+}
+
+pytestmark = pytest.mark.slow
+
+
+def _cli(run_id: str, config_files: list[str], overrides: dict[str, str], cwd: Path = REPO) -> str:
+    config = "[" + ",".join(f"'{CONFIGS / c}'" for c in config_files) + "]"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", config]
+    for key, value in overrides.items():
+        cmd += [f"--{key}", value]
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{run_id} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def trained_bundle(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bundle_root")
+    datalist = Path(
+        generate_phantom_dataset(
+            root / "data", num_labelled=2, num_unlabelled=2, num_validation=1, shape=(36, 32, 32), seed=3
+        )
+    )
+    overrides = {"bundle_root": str(root), "datalist": str(datalist), **TINY}
+    log = _cli("training", ["train.yaml"], overrides)
+    return {"root": root, "datalist": datalist, "overrides": overrides, "log": log}  # type: ignore[dict-item]
+
+
+def test_training_writes_deployed_state_dict(trained_bundle: dict) -> None:
+    root = trained_bundle["root"]
+    model_file = root / "models" / "model.pt"
+    assert model_file.is_file()
+    assert sorted(p.name for p in (root / "models").glob("*.pt")) == ["model.pt"]
+    checkpoint = torch.load(model_file, map_location="cpu", weights_only=True)
+    assert set(checkpoint) == {"model"}
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "inference.yaml"))
+    network = parser.get_parsed_content("network_def")
+    network.load_state_dict(checkpoint["model"], strict=True)
+    for name in ("loss_sup", "loss_pseudo", "loss_contrastive"):
+        assert name in trained_bundle["log"]
+
+
+def test_evaluating_writes_finite_metrics(trained_bundle: dict) -> None:
+    root = trained_bundle["root"]
+    _cli("evaluating", ["train.yaml", "evaluate.yaml"], trained_bundle["overrides"])
+    summary = root / "eval" / "val_mean_dice_summary.csv"
+    raw = root / "eval" / "val_mean_dice_raw.csv"
+    assert summary.is_file() and raw.is_file(), sorted(p.name for p in (root / "eval").iterdir())
+    with open(raw) as f:
+        rows = list(csv.reader(f, delimiter=","))
+    dice = [float(v) for row in rows[1:] for v in row[1:] if v]
+    assert dice and all(np.isfinite(dice)) and all(0.0 <= d <= 1.0 for d in dice)
+    for metric in ("val_jaccard", "val_hd95", "val_asd"):
+        assert (root / "eval" / f"{metric}_summary.csv").is_file()
+
+
+def test_inference_writes_masks_with_input_geometry(trained_bundle: dict) -> None:
+    root, datalist = trained_bundle["root"], trained_bundle["datalist"]
+    overrides = {k: v for k, v in trained_bundle["overrides"].items() if k not in ("max_iterations", "val_interval")}
+    _cli("inference", ["inference.yaml"], overrides)
+    with open(datalist) as f:
+        image_rel = json.load(f)["validation"][0]["image"]
+    image_path = datalist.parent / image_rel
+    stem = image_path.name.split(".")[0]
+    masks = list((root / "eval" / "inference").glob(f"{stem}_seg.nii*"))
+    assert len(masks) == 1
+    image, mask = nib.load(str(image_path)), nib.load(str(masks[0]))
+    assert mask.shape[:3] == image.shape[:3]
+    np.testing.assert_allclose(mask.affine, image.affine, atol=1e-4)
+    values = np.unique(np.asarray(mask.dataobj))
+    assert set(values.tolist()) <= {0, 1}
+
+
+def test_ckpt_export_of_predictive_net(trained_bundle: dict, tmp_path: Path) -> None:
+    root = trained_bundle["root"]
+    state = torch.load(root / "models" / "model.pt", map_location="cpu", weights_only=True)["model"]
+    predictive = {k[len("predictive.") :]: v for k, v in state.items() if k.startswith("predictive.")}
+    ckpt = tmp_path / "predictive.pt"
+    torch.save(predictive, ckpt)
+    out = tmp_path / "predictive.ts"
+    cmd = [
+        sys.executable, "-m", "monai.bundle", "ckpt_export", "predictive_def",
+        "--filepath", str(out), "--ckpt_file", str(ckpt),
+        "--meta_file", str(CONFIGS / "metadata.json"), "--config_file", str(CONFIGS / "inference.yaml"),
+        "--use_trace", "True", "--input_shape", "[1,1,32,32,32]",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    exported = torch.jit.load(str(out))
+    x = torch.randn(1, 1, 32, 32, 32)
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "inference.yaml"))
+    net = parser.get_parsed_content("predictive_def")
+    net.load_state_dict(predictive)
+    net.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), net(x), atol=1e-4, rtol=1e-4)
+
+
+def test_bundle_root_defaults_to_repository_bundle() -> None:
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "train.yaml"))
+    cwd = os.getcwd()
+    try:
+        os.chdir(REPO)
+        assert parser.get_parsed_content("bundle_root") == str(REPO / "bundle")
+    finally:
+        os.chdir(cwd)

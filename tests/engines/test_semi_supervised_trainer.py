@@ -1,0 +1,186 @@
+"""The two-network trainer: loss terms, which net each term trains, data streams, fallbacks and NaN guard."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from monai.losses import DiceCELoss
+from torch import nn
+from torch.utils.data import DataLoader
+
+from multicure_monai.engines.semi_supervised_trainer import LOSS_TERMS, SemiSupervisedTrainer
+from multicure_monai.losses.prototype_contrastive import PrototypeContrastiveLoss
+from multicure_monai.losses.pseudo_label import PseudoLabelLoss
+from multicure_monai.losses.xor_regularization import XORRegularizationLoss
+
+SIZE = 8
+
+
+class TinySegNet(nn.Module):
+    """Two conv layers with the networks' call signature ``(x, uncertainty=None, return_features=False)``."""
+
+    def __init__(self, record: bool = False) -> None:
+        super().__init__()
+        self.body = nn.Conv3d(1, 4, 3, padding=1)
+        self.head = nn.Conv3d(4, 2, 1)
+        self.proj = nn.Conv3d(4, 3, 1)
+        self.seen_uncertainty: list[torch.Tensor | None] = []
+        self.record = record
+
+    def forward(self, x, uncertainty=None, return_features=False):
+        if self.record:
+            self.seen_uncertainty.append(None if uncertainty is None else uncertainty.detach().clone())
+        h = torch.relu(self.body(x))
+        if uncertainty is not None:
+            h = h + uncertainty
+        logits = self.head(h)
+        return (logits, [self.proj(h)]) if return_features else logits
+
+
+def _labelled(n: int = 4) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    items = []
+    for _ in range(n):
+        label = (torch.rand(1, SIZE, SIZE, SIZE, generator=g) > 0.6).float()
+        items.append({"image": label + 0.3 * torch.randn(1, SIZE, SIZE, SIZE, generator=g), "label": label})
+    return items
+
+
+def _unlabelled(n: int = 3) -> list[dict]:
+    return [{"image": torch.randn(1, SIZE, SIZE, SIZE)} for _ in range(n)]
+
+
+def _trainer(iterations: int = 3, unlabeled=None, **kwargs) -> SemiSupervisedTrainer:
+    torch.manual_seed(0)
+    net, aux = TinySegNet(), TinySegNet(record=True)
+    defaults = dict(
+        pseudo_label_loss=PseudoLabelLoss(confidence_threshold=0.5 + 1e-6),
+        regularization_loss=XORRegularizationLoss(),
+        contrastive_loss=PrototypeContrastiveLoss(num_classes=2),
+        contrastive_weight=0.1,
+    )
+    defaults.update(kwargs)
+    return SemiSupervisedTrainer(
+        device="cpu",
+        max_epochs=1,
+        epoch_length=iterations,
+        train_data_loader=DataLoader(_labelled(), batch_size=2),
+        unlabeled_data_loader=DataLoader(_unlabelled(), batch_size=2) if unlabeled is None else unlabeled,
+        network=net,
+        aux_network=aux,
+        optimizer=torch.optim.SGD(list(net.parameters()) + list(aux.parameters()), lr=0.01),
+        loss_function=DiceCELoss(to_onehot_y=True, softmax=True),
+        decollate=False,
+        **defaults,
+    )
+
+
+def test_output_carries_every_finite_term() -> None:
+    trainer = _trainer()
+    trainer.run()
+    out = trainer.state.output
+    for key in (*LOSS_TERMS, "lambda_c", "uncertain_fraction", "pred", "label", "image"):
+        assert key in out, key
+    for key in LOSS_TERMS:
+        assert torch.isfinite(out[key]) and out[key].ndim == 0
+    total = out["loss_sup"] + out["loss_unsup"] + out["lambda_c"] * out["loss_contrastive"]
+    torch.testing.assert_close(out["loss"], total)
+    assert out["pred"].shape == (2, 2, SIZE, SIZE, SIZE)
+
+
+def test_auxiliary_net_receives_the_predictive_uncertainty_map() -> None:
+    trainer = _trainer(iterations=1, contrastive_loss=None)
+    trainer.run()
+    (seen,) = trainer.aux_network.seen_uncertainty
+    assert seen is not None and seen.shape == (4, 1, SIZE, SIZE, SIZE)
+    assert set(seen.unique().tolist()) <= {0.0, 1.0}
+
+
+@pytest.mark.parametrize(
+    "active, predictive_gets_grad",
+    [("pseudo", False), ("reg", True), ("contrastive", True)],
+)
+def test_which_net_each_unsupervised_term_trains(active: str, predictive_gets_grad: bool) -> None:
+    """L_pseudo trains the auxiliary net only (teacher detached); L_reg and L_c reach the predictive net too."""
+    trainer = _trainer(iterations=1)
+    x_l = torch.stack([d["image"] for d in _labelled()[:2]])
+    y_l = torch.stack([d["label"] for d in _labelled()[:2]])
+    x = torch.cat([x_l, torch.randn(2, 1, SIZE, SIZE, SIZE)])
+    trainer.loss_function = lambda logits, labels: logits.sum() * 0
+    trainer.pseudo_label_loss = PseudoLabelLoss(confidence_threshold=0.5 + 1e-6) if active == "pseudo" else None
+    trainer.regularization_loss = XORRegularizationLoss() if active == "reg" else None
+    if active != "contrastive":
+        trainer.contrastive_loss = None
+    trainer.state.device = torch.device("cpu")
+    use_c = active == "contrastive"
+    terms = trainer._compute_losses(x, y_l, 2, lambda_c=1.0 if use_c else 0.0, use_contrastive=use_c)
+    terms["loss"].backward()
+    grad_p = sum(p.grad.abs().sum() for p in trainer.network.parameters() if p.grad is not None)
+    grad_a = sum(p.grad.abs().sum() for p in trainer.aux_network.parameters() if p.grad is not None)
+    assert float(grad_a) > 0
+    assert (float(grad_p) > 0) == predictive_gets_grad
+
+
+def test_supervised_only_ignores_unlabelled_stream() -> None:
+    class Exploding:
+        def __len__(self):
+            return 1
+
+        def __iter__(self):
+            raise AssertionError("the unlabelled loader must not be used")
+
+    trainer = _trainer(unlabeled=Exploding(), supervised_only=True)
+    trainer.run()
+    out = trainer.state.output
+    torch.testing.assert_close(out["loss"], out["loss_sup"])
+
+
+def test_unlabelled_loader_is_cycled() -> None:
+    trainer = _trainer(iterations=5)  # 3 unlabelled items, batch 2 with drop_last=False -> 2 batches per pass
+    trainer.run()
+    assert trainer._unlabeled_epoch >= 2
+
+
+@pytest.mark.parametrize("mode", ["warn", "error"])
+def test_empty_unlabelled_set(mode: str) -> None:
+    empty = DataLoader([], batch_size=2)
+    if mode == "error":
+        with pytest.raises(ValueError, match="no unlabelled data"):
+            _trainer(unlabeled=empty, empty_unlabeled="error")
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = _trainer(unlabeled=empty)
+    assert trainer.supervised_only
+    assert any("falls back to supervised-only" in str(w.message) for w in caught)
+
+
+def test_nan_loss_stops_before_the_step_and_names_the_term() -> None:
+    trainer = _trainer(iterations=2)
+    before = {k: v.clone() for k, v in trainer.network.state_dict().items()}
+
+    class NaNContrastive(nn.Module):
+        def forward(self, features, labels, reliable, uncertain):
+            return features[0].sum() * float("nan")
+
+    trainer.contrastive_loss = NaNContrastive()
+    with pytest.raises(FloatingPointError, match=r"iteration 1: loss_contrastive=nan"):
+        trainer.run()
+    for key, value in trainer.network.state_dict().items():
+        torch.testing.assert_close(value, before[key])
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"uncertainty_threshold": 1.5}, "uncertainty_threshold"),
+        ({"lambda_u": -1.0}, "lambda_u"),
+        ({"contrastive_networks": ("teacher",)}, "contrastive_networks"),
+        ({"empty_unlabeled": "ignore"}, "empty_unlabeled"),
+    ],
+)
+def test_invalid_configuration_is_rejected(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        _trainer(**kwargs)
