@@ -1,0 +1,238 @@
+"""Deep (multi-level) prototype contrastive loss of section 2.2 (eqs. 4 and 5 plus prototype separation).
+
+At every feature level ``l`` of a network (shapes ``(B, E_l, *S_l)``; deeper levels are smaller):
+
+1. labels and the reliable / uncertain masks (full resolution ``(B, 1, *S)``) are resized to ``S_l`` with
+   nearest-neighbour interpolation, and features are L2-normalised over ``E_l``;
+2. prototypes (eq. 4): ``c_k = mean of the normalised features of the reliable voxels of class k``;
+3. each uncertain voxel ``v`` of class ``k`` is pulled to ``c_k`` and pushed from the other prototypes (eq. 5),
+   with ``s_j(v) = cos(v, c_j) / temperature``:
+
+   * ``denominator="all"`` (default): ``l(v) = -s_k + log sum_{j} exp(s_j)``, InfoNCE / softmax cross-entropy
+     over the prototypes with the positive included in the denominator. It is non-negative, bounded below by 0
+     and its minimiser is well defined (maximal margin between ``s_k`` and the other ``s_j``).
+   * ``denominator="negatives"``: the paper's literal eq. 5, ``l(v) = -s_k + log sum_{j != k} exp(s_j)``. It can
+     be negative (down to ``-2 / temperature``), is not a log-probability (its optimum is not a normalised
+     distribution) and, with a single negative (binary segmentation), reduces to the linear margin ``s_j - s_k``
+     that never saturates; it is kept for faithfulness and ablation only.
+
+   Per class, ``L_{c_k}`` is the mean of ``l(v)`` over its (sampled) uncertain voxels (the ``1/|S_k|`` of eq. 5);
+   the level's contrastive term is the mean of ``L_{c_k}`` over the classes that have uncertain voxels;
+4. separation term ("an additional term that considers the distance between class prototypes"):
+   ``separation_weight * mean_{j<k} (1 + cos(c_j, c_k)) / 2`` over the present prototypes, in ``[0, 1]``,
+   zero when prototypes are antipodal. It *pushes prototypes apart*;
+5. the level loss is ``contrastive + separation`` and the total is ``sum_l level_weights[l] * level_loss_l``.
+
+Gradients flow through both the uncertain features and the prototypes (hence into the reliable features).
+Classes without reliable voxels at a level have no prototype, and their uncertain voxels are skipped. A level
+with fewer than two prototypes or with no usable uncertain voxel contributes 0. If nothing contributes the result
+is a zero still attached to the features' graph. Labels outside ``[0, num_classes)`` are ignored.
+
+MONAI has no prototype / voxel contrastive loss (``monai.losses.ContrastiveLoss`` is the instance-level SimCLR
+NT-Xent between two views), so this is written here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["PrototypeContrastiveLoss"]
+
+_DENOMINATORS = ("all", "negatives")
+
+
+def _resize_to(x: Tensor, size: Sequence[int]) -> Tensor:
+    """Nearest-neighbour resize of a ``(B, 1, *S)`` label / mask tensor to spatial ``size`` (as float)."""
+    xf = x.to(torch.float32)
+    if tuple(xf.shape[2:]) == tuple(size):
+        return xf
+    return F.interpolate(xf, size=tuple(size), mode="nearest")
+
+
+def _random_subset(indices: Tensor, cap: int | None) -> Tensor:
+    """At most ``cap`` entries of the 1-D ``indices``, chosen uniformly with ``torch.randperm``."""
+    if cap is None or indices.numel() <= cap:
+        return indices
+    perm = torch.randperm(indices.numel(), device=indices.device)[:cap]
+    return indices[perm]
+
+
+class PrototypeContrastiveLoss(nn.Module):
+    """Multi-level contrastive loss pulling uncertain voxel features to their class prototype (eqs. 4-5).
+
+    See the module docstring for the exact formula.
+
+    Args:
+        num_classes: number of segmentation classes ``K`` (>= 2), background included.
+        temperature: softmax temperature ``tau`` (> 0).
+        max_uncertain_samples: at most this many uncertain voxels per level (over the whole batch) enter eq. 5,
+            a uniform random subset drawn with ``torch.randperm`` (reproducible under ``torch.manual_seed``);
+            ``None`` uses all.
+        max_reliable_samples: optional cap of the same kind on the reliable voxels used for prototypes.
+        separation_weight: weight of the prototype-separation term (>= 0).
+        denominator: ``"all"`` (InfoNCE, default) or ``"negatives"`` (literal eq. 5).
+        level_weights: one weight per feature level; ``None`` weighs all levels 1.
+
+    After every call, for logging: ``last_num_uncertain`` (int, uncertain voxels used, summed over levels),
+    ``last_num_prototypes`` (int, prototypes at the first level) and ``last_level_stats`` (list of dicts with
+    ``num_uncertain`` / ``num_prototypes`` / ``num_reliable`` per level).
+
+    Example:
+        >>> loss_fn = PrototypeContrastiveLoss(num_classes=2)
+        >>> feats = [torch.randn(1, 8, 8, 8, 8, requires_grad=True), torch.randn(1, 16, 4, 4, 4)]
+        >>> labels = torch.randint(0, 2, (1, 1, 8, 8, 8))
+        >>> reliable = torch.rand(1, 1, 8, 8, 8) > 0.5
+        >>> loss = loss_fn(feats, labels, reliable, ~reliable)
+        >>> bool(torch.isfinite(loss))
+        True
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        temperature: float = 0.1,
+        max_uncertain_samples: int | None = 4096,
+        max_reliable_samples: int | None = None,
+        separation_weight: float = 1.0,
+        denominator: str = "all",
+        level_weights: Sequence[float] | None = None,
+    ) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}.")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}.")
+        caps = {"max_uncertain_samples": max_uncertain_samples, "max_reliable_samples": max_reliable_samples}
+        for name, cap in caps.items():
+            if cap is not None and cap < 1:
+                raise ValueError(f"{name} must be >= 1 or None, got {cap}.")
+        if separation_weight < 0:
+            raise ValueError(f"separation_weight must be >= 0, got {separation_weight}.")
+        if denominator not in _DENOMINATORS:
+            raise ValueError(f"Unknown denominator {denominator!r}; choose one of {list(_DENOMINATORS)}.")
+        self.num_classes = int(num_classes)
+        self.temperature = float(temperature)
+        self.max_uncertain_samples = max_uncertain_samples
+        self.max_reliable_samples = max_reliable_samples
+        self.separation_weight = float(separation_weight)
+        self.denominator = denominator
+        self.level_weights = None if level_weights is None else [float(w) for w in level_weights]
+        self.last_num_uncertain: int = 0
+        self.last_num_prototypes: int = 0
+        self.last_level_stats: list[dict[str, int]] = []
+
+    def forward(
+        self, features: Tensor | Sequence[Tensor], labels: Tensor, reliable: Tensor, uncertain: Tensor
+    ) -> Tensor:
+        """Compute the summed multi-level loss.
+
+        Args:
+            features: one ``(B, E, *S_l)`` tensor or a sequence of them (one per level); ``S_l`` may be smaller
+                than ``S``.
+            labels: ``(B, 1, *S)`` integer class per voxel (ground truth / pseudo-label).
+            reliable: ``(B, 1, *S)`` bool mask of voxels whose features build the prototypes.
+            uncertain: ``(B, 1, *S)`` bool mask of voxels pulled to their class prototype.
+
+        Returns:
+            Scalar loss (float32), finite, attached to the features' graph.
+
+        Raises:
+            ValueError: on inconsistent shapes or a wrong number of ``level_weights``.
+        """
+        feats = [features] if isinstance(features, Tensor) else list(features)
+        if not feats:
+            raise ValueError("features must contain at least one level.")
+        if self.level_weights is not None and len(self.level_weights) != len(feats):
+            raise ValueError(f"Got {len(feats)} feature levels but {len(self.level_weights)} level_weights.")
+        if labels.ndim < 3 or labels.shape[1] != 1:
+            raise ValueError(f"labels must be (B, 1, *S), got {tuple(labels.shape)}.")
+        if reliable.shape != labels.shape or uncertain.shape != labels.shape:
+            raise ValueError(
+                f"labels, reliable and uncertain must share one shape, got {tuple(labels.shape)}, "
+                f"{tuple(reliable.shape)}, {tuple(uncertain.shape)}."
+            )
+        for f in feats:
+            if f.ndim != labels.ndim or f.shape[0] != labels.shape[0]:
+                raise ValueError(
+                    f"Each feature level must be (B, E, *S_l) matching labels {tuple(labels.shape)}, "
+                    f"got {tuple(f.shape)}."
+                )
+
+        # graph-connected zero; mean in float32 so large half-precision features cannot overflow to inf * 0 = NaN
+        total = sum(f.float().mean() for f in feats) * 0.0
+        self.last_num_uncertain = 0
+        self.last_level_stats = []
+        for level, feat in enumerate(feats):
+            weight = 1.0 if self.level_weights is None else self.level_weights[level]
+            level_loss, stats = self._level_loss(feat, labels, reliable, uncertain)
+            self.last_level_stats.append(stats)
+            self.last_num_uncertain += stats["num_uncertain"]
+            if level_loss is not None:
+                total = total + weight * level_loss
+        self.last_num_prototypes = self.last_level_stats[0]["num_prototypes"]
+        return total
+
+    def _level_loss(
+        self, feat: Tensor, labels: Tensor, reliable: Tensor, uncertain: Tensor
+    ) -> tuple[Tensor | None, dict[str, int]]:
+        """Loss of one level (``None`` when it contributes nothing) and its logging stats."""
+        size = feat.shape[2:]
+        lab = _resize_to(labels, size).round().long().flatten()  # (N,)
+        valid = (lab >= 0) & (lab < self.num_classes)
+        rel = (_resize_to(reliable, size) > 0.5).flatten() & valid
+        unc = (_resize_to(uncertain, size) > 0.5).flatten() & valid
+        lab = lab.clamp(0, self.num_classes - 1)
+
+        emb = feat.shape[1]
+        # (N, E) raw features; only the selected voxels are normalised below (most voxels are never used)
+        f = feat.movedim(1, -1).reshape(-1, emb)
+
+        # Prototypes (eq. 4): mean of normalised reliable features per class, vectorised with index_add.
+        rel_idx = _random_subset(rel.nonzero(as_tuple=False).squeeze(1), self.max_reliable_samples)
+        rel_lab = lab[rel_idx]
+        counts = torch.bincount(rel_lab, minlength=self.num_classes)  # (K,)
+        rel_feat = F.normalize(f[rel_idx].float(), dim=1)
+        sums = torch.zeros(self.num_classes, emb, device=f.device, dtype=rel_feat.dtype).index_add(0, rel_lab, rel_feat)
+        present = counts > 0
+        num_protos = int(present.sum())
+        stats = {"num_reliable": int(rel_idx.numel()), "num_prototypes": num_protos, "num_uncertain": 0}
+        if num_protos < 2:
+            return None, stats
+        present_cls = present.nonzero(as_tuple=False).squeeze(1)  # (P,)
+        protos = sums[present_cls] / counts[present_cls].unsqueeze(1).to(sums.dtype)  # (P, E)
+        protos = F.normalize(protos, dim=1, eps=1e-8)  # cosine similarity is scale-free
+
+        # Uncertain voxels whose class has a prototype; random subset (eq. 5 "resample candidates").
+        unc = unc & present[lab]
+        unc_idx = _random_subset(unc.nonzero(as_tuple=False).squeeze(1), self.max_uncertain_samples)
+        stats["num_uncertain"] = int(unc_idx.numel())
+        if unc_idx.numel() == 0:
+            return None, stats
+
+        slot = torch.full((self.num_classes,), -1, dtype=torch.long, device=f.device)
+        slot[present_cls] = torch.arange(num_protos, device=f.device)
+        target = slot[lab[unc_idx]]  # (M,) index into the present prototypes
+        logits = F.normalize(f[unc_idx].float(), dim=1) @ protos.t() / self.temperature  # (M, P)
+        positive = logits.gather(1, target.unsqueeze(1)).squeeze(1)
+        if self.denominator == "all":
+            log_denominator = torch.logsumexp(logits, dim=1)
+        else:
+            is_pos = F.one_hot(target, num_protos).bool()
+            log_denominator = torch.logsumexp(logits.masked_fill(is_pos, float("-inf")), dim=1)
+        per_voxel = log_denominator - positive  # (M,)
+
+        # Mean per class (1/|S_k| of eq. 5), then mean over classes with uncertain voxels.
+        class_sum = torch.zeros(num_protos, device=f.device, dtype=per_voxel.dtype).index_add(0, target, per_voxel)
+        class_cnt = torch.bincount(target, minlength=num_protos)
+        has = class_cnt > 0
+        contrast = (class_sum[has] / class_cnt[has].to(class_sum.dtype)).mean()
+
+        # Separation: mean over prototype pairs j < k of (1 + cos(c_j, c_k)) / 2, pushes prototypes apart.
+        iu = torch.triu_indices(num_protos, num_protos, offset=1, device=f.device)
+        cos_pairs = (protos @ protos.t())[iu[0], iu[1]]
+        separation = ((1.0 + cos_pairs) / 2.0).mean()
+        return contrast + self.separation_weight * separation, stats
