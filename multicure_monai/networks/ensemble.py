@@ -1,0 +1,94 @@
+"""Inference wrapper that runs the predictive and the auxiliary network the way they are trained together.
+
+At training time the auxiliary network receives the predictive network's binary uncertainty map
+(``max_c softmax < threshold``) in its MultiCURE block; a deployed model has to reproduce that coupling. This
+wrapper is one ``nn.Module`` with a single-tensor ``forward(x)``, so it drops into MONAI inferers
+(``SlidingWindowInferer``), bundle ``ckpt_export`` and MONAI Label without custom code. There is no MONAI
+equivalent (MONAI ensembles combine independent predictions, not a predictor feeding another network).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+
+__all__ = ["DualNetworkEnsemble", "uncertainty_map"]
+
+
+def uncertainty_map(probs: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Binary uncertainty map of a softmax prediction.
+
+    Args:
+        probs: class probabilities ``(B, C, H, W, D)``.
+        threshold: voxels whose maximum class probability is below it are uncertain.
+
+    Returns:
+        Float map ``(B, 1, H, W, D)`` with 1 for uncertain and 0 for certain voxels (no gradient).
+    """
+    return (probs.detach().amax(dim=1, keepdim=True) < threshold).to(probs.dtype)
+
+
+class DualNetworkEnsemble(nn.Module):
+    """Predictive + auxiliary network ensemble returning log averaged probabilities.
+
+    ``forward(x)`` computes ``p = softmax(predictive(x))``, the uncertainty map ``U = [max_c p < threshold]``,
+    ``a = softmax(auxiliary(x, U))`` and returns ``log(clamp(w0 * p + w1 * a, min=eps))``. Because the weights
+    are normalised to sum to 1, the mixture sums to 1 over classes, so ``softmax(output)`` (what MONAI post
+    transforms / ``Activations(softmax=True)`` apply) gives back the averaged probabilities, and ``argmax`` of
+    the output is the ensemble label map.
+
+    ``weights=(0, 1)`` deploys the auxiliary network alone, still fed with the predictive network's uncertainty map
+    (as in training); ``weights=(1, 0)`` deploys the predictive network alone (the auxiliary one is not run).
+
+    Args:
+        predictive: network mapping ``(B, C_in, *S)`` to logits ``(B, N, *S)``.
+        auxiliary: network called as ``auxiliary(x, uncertainty)`` returning logits ``(B, N, *S)``.
+        uncertainty_threshold: confidence threshold of the uncertainty map.
+        weights: non-negative mixture weights ``(w_predictive, w_auxiliary)``, normalised to sum to 1.
+        eps: lower clamp of the mixture before the log.
+
+    State dict keys are ``predictive.*`` and ``auxiliary.*``, so the two trained networks' state dicts load with
+    a prefix.
+    """
+
+    def __init__(
+        self,
+        predictive: nn.Module,
+        auxiliary: nn.Module,
+        uncertainty_threshold: float = 0.7,
+        weights: Sequence[float] = (0.5, 0.5),
+        eps: float = 1e-8,
+    ) -> None:
+        super().__init__()
+        if len(weights) != 2:
+            raise ValueError(f"weights must have 2 entries, got {weights}.")
+        w = [float(v) for v in weights]
+        if any(v < 0 for v in w) or sum(w) <= 0:
+            raise ValueError(f"weights must be non-negative with a positive sum, got {weights}.")
+        total = sum(w)
+        self.predictive = predictive
+        self.auxiliary = auxiliary
+        self.uncertainty_threshold = float(uncertainty_threshold)
+        self.weights = (w[0] / total, w[1] / total)
+        self.eps = float(eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Ensemble prediction.
+
+        Args:
+            x: image ``(B, C_in, H, W, D)``.
+
+        Returns:
+            Log-probabilities ``(B, N, H, W, D)`` of the weighted probability average.
+        """
+        w_pred, w_aux = self.weights
+        p = torch.softmax(self.predictive(x), dim=1)
+        if w_aux == 0.0:
+            mix = p
+        else:
+            unc = uncertainty_map(p, self.uncertainty_threshold)
+            a = torch.softmax(self.auxiliary(x, unc), dim=1)
+            mix = a if w_pred == 0.0 else w_pred * p + w_aux * a
+        return torch.log(mix.clamp_min(self.eps))
