@@ -14,20 +14,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-__all__ = ["DualNetworkEnsemble", "uncertainty_map"]
+from multicure_monai.uncertainty import uncertainty_map
 
-
-def uncertainty_map(probs: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Binary uncertainty map of a softmax prediction.
-
-    Args:
-        probs: class probabilities ``(B, C, H, W, D)``.
-        threshold: voxels whose maximum class probability is below it are uncertain.
-
-    Returns:
-        Float map ``(B, 1, H, W, D)`` with 1 for uncertain and 0 for certain voxels (no gradient).
-    """
-    return (probs.detach().amax(dim=1, keepdim=True) < threshold).to(probs.dtype)
+__all__ = ["DualNetworkEnsemble"]
 
 
 class DualNetworkEnsemble(nn.Module):

@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from multicure_monai.networks.ensemble import DualNetworkEnsemble, uncertainty_map
+from multicure_monai.networks.ensemble import DualNetworkEnsemble
+from multicure_monai.uncertainty import uncertainty_map
 from multicure_monai.networks.resnet_vnet import ResNetVNet
 from multicure_monai.networks.vnet import VNet
 
