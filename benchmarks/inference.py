@@ -1,0 +1,184 @@
+"""Time sliding-window inference of the deployed model (predictive V-Net + auxiliary ResNet-VNet with MultiCURE,
+:class:`~multicure_monai.networks.ensemble.DualNetworkEnsemble`) on one volume, across ``sw_batch_size``, memory
+format and AMP.
+
+Every configuration runs :class:`~multicure_monai.sliding_window.StridedSlidingWindowInferer` (MONAI's
+``SlidingWindowInferer`` with the paper's stride) on the same random volume with the same random weights, in
+``eval`` / ``inference_mode``, and prints the best and the median wall time of ``--repeats`` passes (the first
+pass of a new window batch size also pays oneDNN / cuDNN set-up, so the best is the steady-state number), windows
+per second, the maximum absolute difference of the output (log averaged probabilities) from the reference run
+(``sw_batch_size=1``, contiguous, fp32) and the fraction of voxels whose label (argmax) differs from it. AMP
+(``--amp``: bf16 and fp16 autocast) runs on CUDA only; on a CPU it is reported as skipped.
+
+The paper's LA geometry is a ~190x140x88 volume, 112x112x80 windows, stride 18x18x4 (54 windows). On a CPU
+that takes many minutes per configuration (a 56x56x40 window alone took ~3 s on one busy core), so the default is
+CPU-sized: the bundle's 48x48x32 windows at half the paper's stride (9x9x2) over a 56x52x36 volume (12 windows,
+the three-axis overlap pattern of the paper, a few minutes for the whole table). Examples::
+
+    python benchmarks/inference.py                                       # CPU-sized default
+    python benchmarks/inference.py --la                                  # 1x1x190x140x88, roi 112x112x80
+    python benchmarks/inference.py --la --amp --device cuda --repeats 3  # GPU, with bf16 / fp16 autocast
+    python benchmarks/inference.py --sw-batch-sizes 1 2 4 --no-channels-last-compare
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from multicure_monai.networks.ensemble import DualNetworkEnsemble
+from multicure_monai.networks.resnet_vnet import ResNetVNet
+from multicure_monai.networks.vnet import VNet
+from multicure_monai.sliding_window import StridedSlidingWindowInferer
+
+LA_SHAPE, LA_ROI, LA_STRIDE = (190, 140, 88), (112, 112, 80), (18, 18, 4)
+CPU_SHAPE, CPU_ROI, CPU_STRIDE = (56, 52, 36), (48, 48, 32), (9, 9, 2)
+
+
+class _CountingNet(torch.nn.Module):
+    """Wraps the network to count the windows it is called on (``x``: ``(sw_batch, C, *roi)``)."""
+
+    def __init__(self, net: torch.nn.Module, memory_format: torch.memory_format) -> None:
+        super().__init__()
+        self.net = net
+        self.memory_format = memory_format
+        self.windows = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.windows += x.shape[0]
+        return self.net(x.contiguous(memory_format=self.memory_format))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build(device: torch.device, channels_last: bool, seed: int = 0) -> DualNetworkEnsemble:
+    """The deployed ensemble at the bundle's default sizes with random weights, in eval mode."""
+    torch.manual_seed(seed)
+    net = DualNetworkEnsemble(VNet(), ResNetVNet(multicure=True))
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    return net.to(device, memory_format=fmt).eval()
+
+
+def run_config(
+    image: torch.Tensor,
+    net: torch.nn.Module,
+    roi: Sequence[int],
+    stride: Sequence[int],
+    sw_batch_size: int,
+    channels_last: bool,
+    amp_dtype: torch.dtype | None,
+    repeats: int,
+) -> tuple[list[float], int, torch.Tensor]:
+    """Time ``repeats`` sliding-window passes; returns the times, the windows per pass and the last output."""
+    device = image.device
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    counting = _CountingNet(net, fmt)
+    inferer = StridedSlidingWindowInferer(
+        roi_size=roi, stride=stride, sw_batch_size=sw_batch_size, mode="constant"
+    )
+    autocast: Callable[[], Any] = (
+        (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None else contextlib.nullcontext
+    )
+    times, out = [], None
+    for _ in range(repeats):
+        counting.windows = 0
+        _sync(device)
+        t0 = time.perf_counter()
+        with torch.inference_mode(), autocast():
+            out = inferer(image, counting)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    assert out is not None
+    return times, counting.windows, out.float()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--la", action="store_true", help="LA geometry: 190x140x88, roi 112x112x80, stride 18x18x4")
+    p.add_argument("--shape", type=int, nargs=3, help="volume H W D (overrides the default / --la)")
+    p.add_argument("--roi", type=int, nargs=3, help="window size")
+    p.add_argument("--stride", type=int, nargs=3, help="window stride")
+    p.add_argument("--sw-batch-sizes", type=int, nargs="+", default=[1, 4, 8])
+    p.add_argument("--amp", action="store_true", help="also bf16 / fp16 autocast (CUDA only)")
+    p.add_argument("--no-channels-last-compare", action="store_true", help="only channels_last_3d (bundle default)")
+    p.add_argument("--repeats", type=int, default=2, help="timed passes per configuration (best, median reported)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shape, roi, stride = (LA_SHAPE, LA_ROI, LA_STRIDE) if args.la else (CPU_SHAPE, CPU_ROI, CPU_STRIDE)
+    shape, roi, stride = tuple(args.shape or shape), tuple(args.roi or roi), tuple(args.stride or stride)
+    torch.manual_seed(1)
+    image = torch.randn(1, 1, *shape, device=device)
+    desc = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"device: {desc}; torch {torch.__version__}")
+    print(f"volume 1x1x{'x'.join(map(str, shape))}, roi {'x'.join(map(str, roi))}, stride {'x'.join(map(str, stride))}")
+
+    formats = [True] if args.no_channels_last_compare else [False, True]
+    amp_dtypes: list[torch.dtype | None] = [None]
+    if args.amp:
+        if device.type == "cuda":
+            amp_dtypes += [torch.bfloat16, torch.float16]
+        else:
+            print("AMP: skipped on CPU (the bundle enables autocast on CUDA only)")
+
+    nets = {cl: build(device, cl) for cl in formats}
+    # warm-up (oneDNN / cuDNN algorithm selection, allocator) on a single window
+    with torch.inference_mode():
+        for cl, net in nets.items():
+            warm = image[..., : roi[0], : roi[1], : roi[2]]
+            net(warm.contiguous(memory_format=torch.channels_last_3d if cl else torch.contiguous_format))
+    _sync(device)
+
+    reference: torch.Tensor | None = None
+    ref_labels: torch.Tensor | None = None
+    header = (
+        f"{'sw_batch':>8} {'format':>13} {'amp':>5} {'best s':>8} {'median s':>8} {'windows':>7} {'win/s':>7} "
+        f"{'max|diff|':>10} {'label diff':>10}"
+    )
+    print(header)
+    print("-" * len(header))
+    rows = []
+    for amp_dtype in amp_dtypes:
+        for cl in formats:
+            for bs in args.sw_batch_sizes:
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                times, windows, out = run_config(image, nets[cl], roi, stride, bs, cl, amp_dtype, args.repeats)
+                t, t_med = min(times), statistics.median(times)
+                labels = out.argmax(dim=1)
+                if reference is None:  # the first configuration: sw_batch_size 1 (as listed first), contiguous, fp32
+                    reference, ref_labels = out, labels
+                diff = float((out - reference).abs().max())
+                label_diff = float((labels != ref_labels).float().mean())
+                amp_name = {None: "-", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
+                fmt_name = "channels_last" if cl else "contiguous"
+                mem = ""
+                if device.type == "cuda":
+                    mem = f"  peak {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
+                print(
+                    f"{bs:>8} {fmt_name:>13} {amp_name:>5} {t:>8.2f} {t_med:>8.2f} {windows:>7} {windows / t:>7.2f} "
+                    f"{diff:>10.2e} {label_diff:>10.2e}{mem}",
+                    flush=True,
+                )
+                rows.append((t, bs, fmt_name, amp_name, diff, label_diff))
+    best = min(rows)
+    print(f"fastest: sw_batch_size={best[1]}, {best[2]}, amp={best[3]} ({best[0]:.2f} s, best of {args.repeats})")
+
+
+if __name__ == "__main__":
+    main()
