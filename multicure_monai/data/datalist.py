@@ -263,6 +263,7 @@ def validate_datalist(
     in_channels: int = 1,
     check_content: bool = True,
     allow_empty_labels: bool = True,
+    roi_size: Sequence[int] | None = None,
 ) -> None:
     """Check every case of a datalist before training and report all problems at once.
 
@@ -271,7 +272,9 @@ def validate_datalist(
     ``(H, W, D)`` or ``(C, H, W, D)`` with ``C == in_channels``, and free of NaN/Inf; that the label is
     ``(H, W, D)`` or ``(1, H, W, D)``, integer valued in ``{0, ..., num_classes - 1}`` and has the
     image's spatial shape. An all-background label is a warning (:class:`UserWarning` naming the file),
-    or an error when ``allow_empty_labels`` is False.
+    or an error when ``allow_empty_labels`` is False. With ``roi_size``, an image smaller than the training
+    patch along some axis gets a :class:`UserWarning` naming the file: training zero-pads it to the patch
+    (``SpatialPadd`` before the random crop, as the paper's crops do).
 
     Args:
         items: datalist entries with absolute paths, e.g. from :func:`load_datalist`.
@@ -281,6 +284,7 @@ def validate_datalist(
         in_channels: expected image channels.
         check_content: load the files (slow for big datasets); ``False`` only checks existence.
         allow_empty_labels: whether an all-zero label is only a warning.
+        roi_size: the training patch size ``(H, W, D)``; ``None`` skips the patch-size notice.
 
     Raises:
         FileNotFoundError: when every problem found is a missing file.
@@ -314,6 +318,8 @@ def validate_datalist(
             image, img_probs = _check_image(img_path, image_key, in_channels)
             problems += img_probs
             missing_only = missing_only and not img_probs
+            if image is not None and roi_size is not None:
+                _patch_notice(img_path, tuple(image.shape[1:]), roi_size)
         if lab_path is not None:
             label, lab_probs = _check_label(lab_path, label_key or "label", num_classes, allow_empty_labels)
             problems += lab_probs
@@ -325,9 +331,24 @@ def validate_datalist(
             )
             missing_only = False
     if problems:
+        problems = list(dict.fromkeys(problems))  # an h5 case is image and label in one file: report it once
         n = len(problems)
         msg = f"datalist check failed with {n} problem{'s' if n > 1 else ''}:\n  " + "\n  ".join(problems)
         raise FileNotFoundError(msg) if missing_only else ValueError(msg)
+
+
+def _patch_notice(path: str, shape: tuple[int, ...], roi_size: Sequence[int]) -> None:
+    """Warn (naming the file) when an image is smaller than the training patch along some axis."""
+    roi = tuple(int(r) for r in roi_size)
+    if len(roi) != len(shape) or all(s >= r for s, r in zip(shape, roi)):
+        return
+    padded = tuple(max(s, r) for s, r in zip(shape, roi))
+    warnings.warn(
+        f"{path}: image spatial shape {shape} is smaller than the patch roi_size={roi}; it is zero-padded to "
+        f"{padded} before cropping (as the paper's random crops do)",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 def _read(path: str, key: str) -> tuple[np.ndarray | None, str | None]:

@@ -186,6 +186,20 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         image = batch[Keys.IMAGE] if isinstance(batch, dict) else batch
         return _plain(image).to(self.state.device, non_blocking=self.non_blocking)
 
+    def reset_unlabeled_stream(self, sampler_epoch: int | None = None) -> None:
+        """Start the unlabelled stream afresh: the next batch comes from a new iterator over the loader.
+
+        Used at epoch starts by :class:`multicure_monai.engines.determinism.EpochSeedHandler`, so that the
+        unlabelled batches of an epoch depend on the epoch's seed only (bit-identical resume).
+
+        Args:
+            sampler_epoch: value for the loader's ``sampler.set_epoch`` (distributed shuffling) of the new
+                iterator; ``None`` keeps counting from the current one.
+        """
+        self._unlabeled_iter = None
+        if sampler_epoch is not None:
+            self._unlabeled_epoch = int(sampler_epoch)
+
     def _restart_unlabeled(self, loader: Iterable) -> Iterator:
         sampler = getattr(loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):

@@ -62,12 +62,13 @@ def test_training_writes_deployed_state_dict(trained_bundle: dict) -> None:
     model_file = root / "models" / "model.pt"
     assert model_file.is_file()
     assert sorted(p.name for p in (root / "models").glob("*.pt")) == ["model.pt"]
-    checkpoint = torch.load(model_file, map_location="cpu", weights_only=True)
-    assert set(checkpoint) == {"model"}
+    # one entry in the saver's save_dict ({"model": network_def}): ignite writes the bare state dict
+    state = torch.load(model_file, map_location="cpu", weights_only=True)
     parser = ConfigParser()
     parser.read_config(str(CONFIGS / "inference.yaml"))
     network = parser.get_parsed_content("network_def")
-    network.load_state_dict(checkpoint["model"], strict=True)
+    assert set(state) == set(network.state_dict())
+    network.load_state_dict(state, strict=True)
     for name in ("loss_sup", "loss_pseudo", "loss_contrastive"):
         assert name in trained_bundle["log"]
 
@@ -105,7 +106,7 @@ def test_inference_writes_masks_with_input_geometry(trained_bundle: dict) -> Non
 
 def test_ckpt_export_of_predictive_net(trained_bundle: dict, tmp_path: Path) -> None:
     root = trained_bundle["root"]
-    state = torch.load(root / "models" / "model.pt", map_location="cpu", weights_only=True)["model"]
+    state = torch.load(root / "models" / "model.pt", map_location="cpu", weights_only=True)
     predictive = {k[len("predictive.") :]: v for k, v in state.items() if k.startswith("predictive.")}
     ckpt = tmp_path / "predictive.pt"
     torch.save(predictive, ckpt)

@@ -1,0 +1,248 @@
+"""Bad input gets one clear error (or warning), early, naming the file and what is wrong.
+
+Each case builds a tiny dataset (16^3) with one defect and runs the checks the training bundle runs in its
+``initialize`` (``validate_datalist`` per list, ``check_training_config``), or the trainer's empty-unlabelled
+fallback; two cases go through ``python -m monai.bundle run training`` to show the run stops before training.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import h5py
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from multicure_monai.data.datalist import validate_datalist
+from multicure_monai.engines.config_checks import check_training_config
+from multicure_monai.engines.semi_supervised_trainer import SemiSupervisedTrainer
+from multicure_monai.losses.pseudo_label import PseudoLabelLoss
+
+REPO = Path(__file__).resolve().parents[2]
+TRAIN = REPO / "bundle" / "configs" / "train.yaml"
+S = 16
+
+
+def _nii(path: Path, array: np.ndarray) -> str:
+    nib.save(nib.Nifti1Image(array, np.eye(4)), str(path))
+    return str(path)
+
+
+def _good(tmp: Path, name: str = "case") -> dict:
+    rng = np.random.default_rng(0)
+    label = np.zeros((S, S, S), np.uint8)
+    label[4:10, 4:10, 4:10] = 1
+    image = (label + 0.2 * rng.standard_normal(label.shape)).astype(np.float32)
+    return {"image": _nii(tmp / f"{name}_img.nii.gz", image), "label": _nii(tmp / f"{name}_lab.nii.gz", label)}
+
+
+def _truncate(path: str) -> None:
+    data = Path(path).read_bytes()
+    Path(path).write_bytes(data[: len(data) // 3])
+
+
+# Each case: (id, make(tmp) -> (item, label_key, kwargs), expected fragment, "error" | "warning", which file)
+def _missing(tmp):
+    item = _good(tmp)
+    Path(item["image"]).unlink()
+    return item, "label", {}, "image"
+
+
+def _corrupt_nifti(tmp):
+    item = _good(tmp)
+    _truncate(item["image"])
+    return item, "label", {}, "image"
+
+
+def _corrupt_h5(tmp):
+    path = tmp / "mri_norm2.h5"
+    with h5py.File(path, "w") as f:
+        f["image"] = np.random.default_rng(0).standard_normal((S, S, S)).astype(np.float32)
+        f["label"] = np.zeros((S, S, S), np.uint8)
+    _truncate(str(path))
+    return {"image": str(path), "label": str(path)}, "label", {}, "image"
+
+
+def _not_3d(tmp):
+    item = _good(tmp)
+    _nii(Path(item["image"]), np.zeros((S, S), np.float32))
+    return item, "label", {}, "image"
+
+
+def _channels(tmp):
+    item = _good(tmp)
+    _nii(Path(item["image"]), np.zeros((S, S, S, 2), np.float32))
+    return item, "label", {}, "image"
+
+
+def _label_values(tmp):
+    item = _good(tmp)
+    label = np.zeros((S, S, S), np.uint8)
+    label[2:6, 2:6, 2:6] = 3
+    _nii(Path(item["label"]), label)
+    return item, "label", {}, "label"
+
+
+def _shape_mismatch(tmp):
+    item = _good(tmp)
+    label = np.zeros((S, S, S - 4), np.uint8)
+    label[2:6, 2:6, 2:6] = 1
+    _nii(Path(item["label"]), label)
+    return item, "label", {}, "label"
+
+
+def _empty_label(tmp):
+    item = _good(tmp)
+    _nii(Path(item["label"]), np.zeros((S, S, S), np.uint8))
+    return item, "label", {}, "label"
+
+
+def _nan_image(tmp):
+    item = _good(tmp)
+    image = np.ones((S, S, S), np.float32)
+    image[3, 3, 3] = np.nan
+    _nii(Path(item["image"]), image)
+    return item, "label", {}, "image"
+
+
+def _inf_image(tmp):
+    item = _good(tmp)
+    image = np.ones((S, S, S), np.float32)
+    image[3, 3, 3] = np.inf
+    _nii(Path(item["image"]), image)
+    return {"image": item["image"]}, None, {}, "image"  # an unlabelled case
+
+
+def _small_image(tmp):
+    item = _good(tmp)
+    return item, "label", {"roi_size": (24, 16, 8)}, "image"
+
+
+CASES = [
+    ("missing file", _missing, "image file not found", "error"),
+    ("corrupt NIfTI", _corrupt_nifti, "cannot be read, corrupt or truncated?", "error"),
+    ("truncated h5", _corrupt_h5, "cannot be read, corrupt or truncated?", "error"),
+    ("image not 3D", _not_3d, "image is not 3D", "error"),
+    ("wrong channel count", _channels, "image has 2 channels, expected in_channels=1", "error"),
+    ("label values outside classes", _label_values, "label values outside {0..1} for num_classes=2: 3", "error"),
+    ("image/label shape mismatch", _shape_mismatch, "label spatial shape (16, 16, 12) differs from image", "error"),
+    ("all-empty label", _empty_label, "label is empty (all background)", "warning"),
+    ("NaN in image", _nan_image, "image contains NaN/Inf values (1 NaN, 0 Inf)", "error"),
+    ("Inf in unlabelled image", _inf_image, "image contains NaN/Inf values (0 NaN, 1 Inf)", "error"),
+    ("patch larger than image", _small_image,
+     "smaller than the patch roi_size=(24, 16, 8); it is zero-padded to (24, 16, 16)", "warning"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name, make, expected, kind", CASES, ids=[c[0] for c in CASES])
+def test_bad_datalist_entry(tmp_path: Path, name: str, make, expected: str, kind: str) -> None:
+    item, label_key, kwargs, role = make(tmp_path)
+    path = item[role]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if kind == "error":
+            with pytest.raises((ValueError, FileNotFoundError)) as err:
+                validate_datalist([item], label_key=label_key, num_classes=2, in_channels=1, **kwargs)
+            message = str(err.value)
+            assert message.count("\n") == 1, f"expected exactly one problem:\n{message}"
+        else:
+            validate_datalist([item], label_key=label_key, num_classes=2, in_channels=1, **kwargs)
+            messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+            assert len(messages) == 1, messages
+            message = messages[0]
+    print(f"[{name}] {message}")
+    assert expected in message
+    assert path in message, f"the message does not name {path}: {message}"
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ({"pseudo_label_threshold": 1.5}, "pseudo_label_threshold=1.5: must be a number in the open interval (0, 1)"),
+        ({"uncertainty_threshold": 0.0}, "uncertainty_threshold=0.0: must be a number in the open interval (0, 1)"),
+        ({"max_iterations": -300}, "max_iterations=-300: must be a positive integer (override with --max_iterations)"),
+        ({"val_interval": 0}, "val_interval=0: must be a positive integer"),
+        ({"checkpoint_interval": 3}, "checkpoint_interval=3: must be a positive multiple of val_interval=2"),
+        ({"learning_rate": -0.01}, "learning_rate=-0.01: must be a positive number"),
+        ({"lambda_c": -1.0}, "lambda_c=-1.0: must be a non-negative number"),
+        ({"num_classes": 1}, "num_classes=1: must be an integer >= 2"),
+        ({"sw_stride": [48, 16, 16]}, "sw_stride=[48, 16, 16]: must not exceed roi_size=[32, 32, 32]"),
+    ],
+    ids=lambda v: next(iter(v)) if isinstance(v, dict) else "",
+)
+def test_config_value_out_of_range(override: dict, expected: str) -> None:
+    values = dict(max_iterations=4, val_interval=2, checkpoint_interval=2, roi_size=[32] * 3, sw_stride=[16] * 3)
+    assert check_training_config(**values)
+    with pytest.raises(ValueError) as err:
+        check_training_config(**{**values, **override})
+    print(f"[{override}] {err.value}")
+    assert expected in str(err.value)
+    assert str(err.value).startswith("config check failed with 1 value out of range")
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(1, 2, 1)
+
+    def forward(self, x, uncertainty=None, return_features=False):
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("mode", ["warn", "error"])
+def test_empty_unlabelled_set(mode: str) -> None:
+    net, aux = _Net(), _Net()
+    kwargs = dict(
+        device="cpu", max_epochs=1, train_data_loader=DataLoader([{"image": torch.zeros(1, 4, 4, 4)}]),
+        unlabeled_data_loader=DataLoader([]), network=net, aux_network=aux,
+        optimizer=torch.optim.SGD(list(net.parameters()) + list(aux.parameters()), lr=0.1),
+        loss_function=nn.MSELoss(), pseudo_label_loss=PseudoLabelLoss(), empty_unlabeled=mode,
+    )  # fmt: skip
+    if mode == "warn":
+        with pytest.warns(UserWarning, match="no unlabelled data.*falls back to supervised-only") as rec:
+            trainer = SemiSupervisedTrainer(**kwargs)
+        assert trainer.supervised_only
+        print(f"[empty unlabelled, warn] {rec[0].message}")
+    else:
+        with pytest.raises(ValueError, match=r"no unlabelled data.*\(empty_unlabeled='error'\)") as err:
+            SemiSupervisedTrainer(**kwargs)
+        print(f"[empty unlabelled, error] {err.value}")
+
+
+# ------------------------------------------------------------------ through the bundle: fails before training
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("defect", ["missing label", "threshold out of range"])
+def test_bundle_stops_before_training(tmp_path: Path, defect: str) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    cases = [_good(data, f"c{i}") for i in range(2)]
+    overrides = {"roi_size": "[16,16,16]", "sw_stride": "[16,16,16]", "num_workers": "0", "max_iterations": "2",
+                 "val_interval": "2"}  # fmt: skip
+    if defect == "missing label":
+        Path(cases[1]["label"]).unlink()
+        expected = f"{cases[1]['label']}: label file not found"
+    else:
+        overrides["pseudo_label_threshold"] = "1.5"
+        expected = "pseudo_label_threshold=1.5: must be a number in the open interval (0, 1)"
+    datalist = data / "datalist.json"
+    content = {"training": cases[:1], "unlabeled": [{"image": cases[1]["image"]}], "validation": cases[1:]}
+    datalist.write_text(json.dumps(content))
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(TRAIN),
+           "--bundle_root", str(tmp_path / "root"), "--datalist", str(datalist)]  # fmt: skip
+    for key, value in overrides.items():
+        cmd += [f"--{key}", value]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert expected in proc.stderr, proc.stderr[-3000:]
+    assert "Engine run" not in proc.stdout + proc.stderr  # no training iteration was started
+    assert not (tmp_path / "root" / "models").exists()
