@@ -42,6 +42,7 @@ def check_training_config(
     unlabeled_batch_size: Any = 1,
     roi_size: Sequence[Any] | None = None,
     sw_stride: Sequence[Any] | None = None,
+    switches: dict[str, Any] | None = None,
 ) -> bool:
     """Raise one ``ValueError`` listing every config value out of range; return ``True`` when all are fine.
 
@@ -50,7 +51,9 @@ def check_training_config(
     checkpoints are written at the end of an engine epoch, see ``multicure_monai.engines.determinism``);
     the two thresholds are in the open interval (0, 1); ``learning_rate > 0``; ``momentum`` in [0, 1);
     ``weight_decay`` and the lambdas ``>= 0``; ``roi_size``/``sw_stride`` are three positive integers, the
-    stride not larger than the patch.
+    stride not larger than the patch; every entry of ``switches`` (on/off options such as ``use_contrastive``)
+    is a real boolean: ``monai.bundle``'s command line (fire) reads ``--use_contrastive false`` as the string
+    ``'false'``, which Python treats as true, so a lower-case value would silently switch the option ON.
     """
     problems: list[str] = []
 
@@ -102,6 +105,9 @@ def check_training_config(
     if roi_size is not None and sw_stride is not None and geometry_ok:
         if any(s > r for s, r in zip(sw_stride, roi_size)):
             bad("sw_stride", list(sw_stride), f"must not exceed roi_size={list(roi_size)} (windows would leave gaps)")
+    for name, value in (switches or {}).items():
+        if not isinstance(value, bool):
+            bad(name, value, f"must be True or False (capitalised on the command line: --{name} False)")
     if problems:
         n = len(problems)
         head = f"config check failed with {n} value{'s' if n > 1 else ''} out of range:"

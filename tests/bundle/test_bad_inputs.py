@@ -175,6 +175,7 @@ def test_bad_datalist_entry(tmp_path: Path, name: str, make, expected: str, kind
         ({"lambda_c": -1.0}, "lambda_c=-1.0: must be a non-negative number"),
         ({"num_classes": 1}, "num_classes=1: must be an integer >= 2"),
         ({"sw_stride": [48, 16, 16]}, "sw_stride=[48, 16, 16]: must not exceed roi_size=[32, 32, 32]"),
+        ({"switches": {"use_contrastive": "false"}}, "use_contrastive='false': must be True or False"),
     ],
     ids=lambda v: next(iter(v)) if isinstance(v, dict) else "",
 )
