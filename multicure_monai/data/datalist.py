@@ -42,6 +42,7 @@ __all__ = [
     "kfold_split",
     "kfold_datalist",
     "validate_datalist",
+    "studies_unlabeled",
 ]
 
 #: Keys of the project's datalist format, in the order they are written.
@@ -413,3 +414,41 @@ def _first_nonint(arr: np.ndarray) -> float:
     idx = np.flatnonzero(flat != np.round(flat))
     v = float(flat[idx[0]]) if idx.size else math.nan
     return round(v, 4)
+
+
+def studies_unlabeled(
+    labelled: Sequence[Mapping[str, str]],
+    label_subdir: str = os.path.join("labels", "final"),
+    suffixes: Sequence[str] = IMAGE_SUFFIXES,
+) -> list[dict] | None:
+    """Unlabelled images of a MONAI Label local studies folder, or ``None`` outside that layout.
+
+    MONAI Label's ``BundleTrainTask`` replaces ``train#dataset#data`` with the studies folder's labelled
+    pairs, ``{"image": <studies>/<id><ext>, "label": <studies>/labels/final/<id><ext>}``, and passes no
+    unlabelled list. When every entry of ``labelled`` has that layout and one studies folder, this returns
+    ``[{"image": path}]`` for each image directly in that folder (not recursive) that is not in
+    ``labelled``, sorted; it may be empty. It returns ``None`` when ``labelled`` is empty or not in that
+    layout (a datalist JSON's ``training`` list), so the caller falls back to its own unlabelled list.
+    """
+    if not labelled:
+        return None
+    folders = set()
+    for item in labelled:
+        image, label = item.get("image"), item.get("label")
+        if not isinstance(image, str) or not isinstance(label, str):
+            return None
+        folder = os.path.dirname(os.path.realpath(image))
+        if os.path.dirname(os.path.realpath(label)) != os.path.join(folder, label_subdir):
+            return None
+        folders.add(folder)
+    if len(folders) != 1:
+        return None
+    folder = folders.pop()
+    taken = {os.path.realpath(item["image"]) for item in labelled}
+    suffixes = tuple(s.lower() for s in suffixes)
+    found = sorted(
+        os.path.join(folder, f)
+        for f in os.listdir(folder)
+        if f.lower().endswith(suffixes) and os.path.isfile(os.path.join(folder, f))
+    )
+    return [{"image": p} for p in found if os.path.realpath(p) not in taken]

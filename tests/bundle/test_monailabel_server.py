@@ -1,6 +1,6 @@
 """The bundle served by a real MONAI Label server (``monailabel start_server``, ``monaibundle`` app), over HTTP.
 
-What a user does (docs/monailabel.md), in a temporary folder: the ``monaibundle`` sample app copied from the
+What a user does (bundle/docs/README.md, "Serving the bundle with MONAI Label"), in a temporary folder: the ``monaibundle`` sample app copied from the
 installed ``monailabel`` package (``monailabel apps --download``, offline), this repository's bundle copied
 under ``<app>/model/<name>`` with freshly initialised ``network_def`` weights in ``models/model.pt``, and a
 studies folder of small synthetic volumes. Then: wait for ``/info/``; check the model and its labels are
@@ -10,7 +10,7 @@ a validation split, the second with every study labelled and no validation split
 few labels gets), and check each finishes and rewrites ``models/model.pt`` with exactly ``network_def``'s
 keys; infer again with the retrained weights.
 
-MONAI Label needs torchvision, which the project's own environment does not have (see docs/monailabel.md):
+MONAI Label needs torchvision, which the project's own environment does not have (see bundle/docs/README.md, "Serving the bundle with MONAI Label"):
 the server tests are skipped where ``monailabel`` is not installed, and ``.ci/label.sh`` runs them in their
 own environment with ``MULTICURE_REQUIRE_MONAILABEL=1``, which turns that skip into a failure. The
 ``test_config_*`` tests need only MONAI: they rebuild train.yaml the way MONAI Label's ``BundleTrainTask``
@@ -64,7 +64,7 @@ if not HAS_MONAILABEL and os.environ.get("MULTICURE_REQUIRE_MONAILABEL") == "1":
 needs_monailabel = pytest.mark.skipif(
     not HAS_MONAILABEL,
     reason="monailabel is not installed in this environment; .ci/label.sh runs this test in its own venv "
-    "(pip install -e .[label], see docs/monailabel.md)",
+    "(pip install -e .[label], see bundle/docs/README.md, "Serving the bundle with MONAI Label")",
 )
 
 
@@ -146,22 +146,30 @@ def _datastore_datalist(studies: Path, labelled: list[str]) -> list[dict]:
     return items
 
 
+def _check_train_handlers(handlers: object) -> None:
+    assert isinstance(handlers, list), "train#handlers must be a YAML list: MONAI Label inserts a CheckpointLoader"
+    refs = [h for h in handlers if not isinstance(h, dict)]
+    assert not refs, (
+        f"train#handlers items must be inline dicts, not {refs}: MONAI Label calls item.get('_target_') on each"
+    )
+
+
 def _bundle_train_task_parser(bundle: Path, train_ds: list[dict], val_ds: list[dict]) -> ConfigParser:
     """The parser ``monai.bundle.run`` builds from BundleTrainTask's overrides (pretrained=True, CPU)."""
     parser = ConfigParser()
     parser.read_config(str(bundle / "configs" / "train.yaml"))
     parser.read_meta(str(bundle / "configs" / "metadata.json"))
     handlers = parser.get("train#handlers", [])
-    assert isinstance(handlers, list), "train#handlers must be a YAML list: MONAI Label inserts a CheckpointLoader"
-    handlers.insert(
-        0,
-        {
+    _check_train_handlers(handlers)
+    # BundleTrainTask._load_checkpoint
+    if not [t for t in handlers if t.get("_target_") == "CheckpointLoader"]:
+        loader = {
             "_target_": "CheckpointLoader",
             "load_path": str(bundle / "models" / "model.pt"),
             "load_dict": {"model": "$@network"},
             "strict": False,
-        },
-    )
+        }
+        handlers.insert(0, loader)
     parser.update(
         {
             "bundle_root": str(bundle),
@@ -183,7 +191,7 @@ def test_config_has_the_ids_monailabel_reads() -> None:
     parser.read_config(str(BUNDLE / "configs" / "train.yaml"))
     for key in ("network", "run", "train#trainer#max_epochs", "train#dataset#data", "validate#dataset#data"):
         assert key in parser, f"train.yaml: no `{key}` (BundleTrainTask overrides or runs it)"
-    assert isinstance(parser.get("train#handlers"), list)
+    _check_train_handlers(parser.get("train#handlers"))
     with open(BUNDLE / "configs" / "metadata.json") as f:
         data_format = json.load(f)["network_data_format"]
     assert next(iter(data_format["inputs"])) == "image" and next(iter(data_format["outputs"])) == "pred"
