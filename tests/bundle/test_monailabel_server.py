@@ -1,7 +1,7 @@
 """The bundle served by a real MONAI Label server (``monailabel start_server``, ``monaibundle`` app), over HTTP.
 
-What a user does (bundle/docs/README.md, "Serving the bundle with MONAI Label"), in a temporary folder: the ``monaibundle`` sample app copied from the
-installed ``monailabel`` package (``monailabel apps --download``, offline), this repository's bundle copied
+What a user does (bundle/docs/README.md, "Serving the bundle with MONAI Label"), in a temporary folder: the
+``monaibundle`` sample app copied from the installed ``monailabel`` package (``monailabel apps --download``, offline), this repository's bundle copied
 under ``<app>/model/<name>`` with freshly initialised ``network_def`` weights in ``models/model.pt``, and a
 studies folder of small synthetic volumes. Then: wait for ``/info/``; check the model and its labels are
 listed; ``POST /infer/<model>`` and check the label volume (shape, affine, label values); save annotations
@@ -10,8 +10,8 @@ a validation split, the second with every study labelled and no validation split
 few labels gets), and check each finishes and rewrites ``models/model.pt`` with exactly ``network_def``'s
 keys; infer again with the retrained weights.
 
-MONAI Label needs torchvision, which the project's own environment does not have (see bundle/docs/README.md, "Serving the bundle with MONAI Label"):
-the server tests are skipped where ``monailabel`` is not installed, and ``.ci/label.sh`` runs them in their
+MONAI Label needs torchvision, which the project's own environment does not have (see bundle/docs/README.md,
+"Serving the bundle with MONAI Label"): the server tests are skipped where ``monailabel`` is not installed, and ``.ci/label.sh`` runs them in their
 own environment with ``MULTICURE_REQUIRE_MONAILABEL=1``, which turns that skip into a failure. The
 ``test_config_*`` tests need only MONAI: they rebuild train.yaml the way MONAI Label's ``BundleTrainTask``
 does (same override keys) and check what MONAI Label silently gets wrong otherwise (it loads checkpoints
@@ -64,7 +64,7 @@ if not HAS_MONAILABEL and os.environ.get("MULTICURE_REQUIRE_MONAILABEL") == "1":
 needs_monailabel = pytest.mark.skipif(
     not HAS_MONAILABEL,
     reason="monailabel is not installed in this environment; .ci/label.sh runs this test in its own venv "
-    "(pip install -e .[label], see bundle/docs/README.md, "Serving the bundle with MONAI Label")",
+    "(pip install -e .[label], see bundle/docs/README.md, 'Serving the bundle with MONAI Label')",
 )
 
 
