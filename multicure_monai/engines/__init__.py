@@ -1,1 +1,19 @@
-"""engines."""
+"""Engines: the two-network semi-supervised trainer and its handlers (checkpoints, resume, seeding, progress)."""
+
+from __future__ import annotations
+
+from .checkpoint import AtomicCheckpointSaver, ResumeCheckpointLoader, SafeCheckpointLoader, safe_load
+from .determinism import EpochSeedHandler
+from .progress_bar import ProgressBar
+from .semi_supervised_trainer import LOSS_TERMS, SemiSupervisedTrainer
+
+__all__ = [
+    "AtomicCheckpointSaver",
+    "EpochSeedHandler",
+    "LOSS_TERMS",
+    "ProgressBar",
+    "ResumeCheckpointLoader",
+    "SafeCheckpointLoader",
+    "SemiSupervisedTrainer",
+    "safe_load",
+]
