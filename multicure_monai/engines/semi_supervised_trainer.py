@@ -74,7 +74,9 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         pseudo_label_loss: ``loss(aux_logits, teacher_probs)``, the confidence-masked CE + Dice of eq. 2.
         regularization_loss: ``loss(aux_probs, pred_probs)``, the XOR-masked L1 of eq. 2.
         contrastive_loss: ``loss(features, labels, reliable, uncertain)``, eqs. 4-5.
-        lambda_u: weight of the unsupervised loss (paper: 1.0).
+        lambda_u: weight of the unsupervised loss (paper: a constant 1.0), a float or a callable of the (1-based)
+            iteration number, e.g. a :class:`~multicure_monai.schedules.ContrastiveWeightSchedule` ramp-up
+            (UA-MT/MCF ramp their unsupervised weight; the paper does not).
         lambda_reg: weight of the XOR regularisation inside ``L_u``.
         contrastive_weight: ``lambda_c``, a float or a callable of the (1-based) iteration number.
         uncertainty_threshold: confidence below which a voxel is uncertain (map for MultiCURE, and the
@@ -108,7 +110,7 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         pseudo_label_loss: Callable | None = None,
         regularization_loss: Callable | None = None,
         contrastive_loss: Callable | None = None,
-        lambda_u: float = 1.0,
+        lambda_u: float | Callable[[int], float] = 1.0,
         lambda_reg: float = 1.0,
         contrastive_weight: float | Callable[[int], float] = 0.0,
         uncertainty_threshold: float = 0.7,
@@ -125,7 +127,7 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         if max_epochs < 1:
             raise ValueError(f"max_epochs must be a positive integer, got {max_epochs}.")
         for name, value in (("lambda_u", lambda_u), ("lambda_reg", lambda_reg)):
-            if value < 0:
+            if not callable(value) and value < 0:
                 raise ValueError(f"{name} must be non-negative, got {value}.")
         if not callable(contrastive_weight) and contrastive_weight < 0:
             raise ValueError(f"contrastive_weight must be non-negative, got {contrastive_weight}.")
@@ -147,7 +149,7 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         self.pseudo_label_loss = pseudo_label_loss
         self.regularization_loss = regularization_loss
         self.contrastive_loss = contrastive_loss
-        self.lambda_u = float(lambda_u)
+        self.lambda_u = lambda_u if callable(lambda_u) else float(lambda_u)
         self.lambda_reg = float(lambda_reg)
         self.contrastive_weight = contrastive_weight
         self.uncertainty_threshold = float(uncertainty_threshold)
@@ -320,7 +322,8 @@ class SemiSupervisedTrainer(SupervisedTrainer):
                             feats, contrast_labels, reliable, uncertain
                         )
         loss_unsup = loss_pseudo + self.lambda_reg * loss_reg
-        loss = loss_sup + self.lambda_u * loss_unsup + lambda_c * loss_contrastive
+        lambda_u = self.lambda_u(self.state.iteration) if callable(self.lambda_u) else self.lambda_u
+        loss = loss_sup + lambda_u * loss_unsup + lambda_c * loss_contrastive
         return {
             Keys.LOSS: loss,
             "loss_sup": loss_sup,

@@ -184,3 +184,17 @@ def test_nan_loss_stops_before_the_step_and_names_the_term() -> None:
 def test_invalid_configuration_is_rejected(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         _trainer(**kwargs)
+
+
+def test_lambda_u_may_be_a_schedule_of_the_iteration() -> None:
+    seen: list[int] = []
+
+    def ramp(iteration: int) -> float:
+        seen.append(iteration)
+        return 0.0
+
+    trainer = _trainer(iterations=2, lambda_u=ramp, contrastive_loss=None)
+    trainer.run()
+    out = trainer.state.output
+    assert seen == [1, 2]
+    torch.testing.assert_close(out["loss"], out["loss_sup"])
