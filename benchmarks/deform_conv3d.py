@@ -2,7 +2,7 @@
 
 Usage::
 
-    python3 benchmarks/deform_conv3d.py --shape 2 32 56 56 40 --repeats 5 [--device cpu] [--naive]
+    python3 benchmarks/deform_conv3d.py --shape 2 32 56 56 40 --repeats 5 [--device cpu] [--grid-sample]
 
 Time: median of ``--repeats`` runs (after ``--warmup`` runs) of forward + backward (input, weights and,
 for the deformable conv, offsets all require grad), measured with ``time.perf_counter`` (CUDA synchronised).
@@ -17,8 +17,9 @@ Peak memory:
       the extra peak memory caused by forward+backward over a baseline process that only holds the torch
       runtime and the inputs. Allocator caching makes it a comparable, not exact, measure.
 
-Variants: ``conv`` (nn.Conv3d), ``deform`` (``DeformConv3d`` of this package), optionally ``naive`` (one
-``grid_sample`` into a (B, C, K, D, H, W) tensor, then einsum) as a reference.
+Variants: ``conv`` (nn.Conv3d), ``deform`` (``DeformConv3d`` of this package, ``implementation="gather"``, the
+CPU default), optionally ``grid_sample`` (``implementation="grid_sample"``: one ``F.grid_sample`` into a
+(B, C, K*D, H, W) tensor, then one GEMM; the CUDA default).
 """
 
 from __future__ import annotations
@@ -33,30 +34,12 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from multicure_monai.networks.deform_conv import DeformConv3d  # noqa: E402
 
 __all__ = ["main"]
-
-
-def _naive_deform(x: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor, padding: int) -> torch.Tensor:
-    """Reference: all K kernel points sampled with one grid_sample, then einsum (stride 1, 1 offset group)."""
-    b, c, d, h, w = x.shape
-    kd, kh, kw = weight.shape[2:]
-    dev, dt = x.device, x.dtype
-    kk = torch.stack(torch.meshgrid(*[torch.arange(k, device=dev, dtype=dt) for k in (kd, kh, kw)], indexing="ij"), -1)
-    kk = kk.reshape(-1, 3)  # (K, 3)
-    g = torch.stack(torch.meshgrid(*[torch.arange(s, device=dev, dtype=dt) for s in (d, h, w)], indexing="ij"), -1)
-    pos = g[None, None] - padding + kk[None, :, None, None, None] + offset.view(b, -1, 3, d, h, w).permute(0, 1, 3, 4, 5, 2)
-    size = torch.tensor([d, h, w], device=dev, dtype=dt)
-    grid = (2 * pos / (size - 1) - 1).flip(-1)  # (B, K, D, H, W, 3) as (x=w, y=h, z=d)
-    k = grid.shape[1]
-    s = F.grid_sample(x, grid.reshape(b, k * d, h, w, 3), align_corners=True, padding_mode="zeros")
-    s = s.view(b, c, k, d, h, w)
-    return torch.einsum("bckdhw,ock->bodhw", s, weight.reshape(weight.shape[0], c, k))
 
 
 def _make(variant: str, shape, cout: int, device: str, seed: int = 0):
@@ -67,11 +50,9 @@ def _make(variant: str, shape, cout: int, device: str, seed: int = 0):
         mod = torch.nn.Conv3d(c, cout, 3, padding=1).to(device)
         return (lambda: mod(x)), [x]
     offset = (0.5 * torch.randn(b, 81, d, h, w, device=device)).requires_grad_()
-    if variant == "deform":
-        mod = DeformConv3d(c, cout, 3, padding=1).to(device)
-        return (lambda: mod(x, offset)), [x, offset]
-    weight = (0.05 * torch.randn(cout, c, 3, 3, 3, device=device)).requires_grad_()
-    return (lambda: _naive_deform(x, offset, weight, 1)), [x, offset]
+    impl = {"deform": "gather", "grid_sample": "grid_sample"}[variant]
+    mod = DeformConv3d(c, cout, 3, padding=1, implementation=impl).to(device)
+    return (lambda: mod(x, offset)), [x, offset]
 
 
 def _step(fn) -> None:
@@ -134,10 +115,10 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--naive", action="store_true", help="also run the naive grid_sample reference")
+    p.add_argument("--grid-sample", action="store_true", help="also run implementation='grid_sample'")
     p.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
     args = p.parse_args()
-    variants = ["conv", "deform"] + (["naive"] if args.naive else [])
+    variants = ["conv", "deform"] + (["grid_sample"] if args.grid_sample else [])
     res = {}
     # memory first (fresh subprocesses on CPU), then timing in this process
     mem = {v: float("nan") if args.no_memory else memory_variant(v, args.shape, args.out_channels, args.device) for v in variants}
@@ -145,11 +126,11 @@ def main() -> None:
         t = time_variant(v, args.shape, args.out_channels, args.device, args.repeats, args.warmup)
         m = mem[v]
         res[v] = (t, m)
-        print(f"{v:>7s}: fwd+bwd median {t * 1e3:9.1f} ms   peak extra memory {m:8.1f} MiB", flush=True)
+        print(f"{v:>11s}: fwd+bwd median {t * 1e3:9.1f} ms   peak extra memory {m:8.1f} MiB", flush=True)
     t0, m0 = res["conv"]
     for v in variants[1:]:
         t, m = res[v]
-        print(f"{v:>7s} / conv: time x{t / t0:.2f}   memory x{m / m0 if m0 > 0 else float('nan'):.2f}")
+        print(f"{v:>11s} / conv: time x{t / t0:.2f}   memory x{m / m0 if m0 > 0 else float('nan'):.2f}")
     print(f"(shape {args.shape}, C_out {args.out_channels}, device {args.device}, threads {torch.get_num_threads()})")
 
 

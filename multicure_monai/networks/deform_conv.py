@@ -17,6 +17,13 @@ Algorithm (memory bounded, recompute in backward):
   more ``embedding_bag`` calls and row-wise dot products with the column gradient); the gradient w.r.t.
   the input (a scatter) is computed as a *gather* over the entries sorted by their target row.
 
+A second implementation, ``"grid_sample"``, samples all ``K`` kernel points with one trilinear
+``F.grid_sample`` call (zero padding) and applies the weights with one batched GEMM, with autograd through both.
+It needs ``B*C_in*K*S`` floats for the columns (not chunked), but uses PyTorch's native sampling kernels, which
+on CUDA are much faster than the gather path; on CPU the 3D ``grid_sample`` kernels are slower than the chunked
+gather. ``implementation="auto"`` (the default) therefore picks ``"grid_sample"`` on CUDA and ``"gather"``
+elsewhere; both compute the same function (the tests compare them in float64).
+
 Out-of-volume samples read zeros (zero padding); every corner outside the volume contributes zero.
 
 Offset layout: ``offset[:, 3 * (g * K + k) + a]`` is the displacement, in voxels, of kernel point ``k``
@@ -34,10 +41,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-__all__ = ["deform_conv3d", "DeformConv3d", "DeformConv3dPack", "DEFAULT_MEMORY_BUDGET"]
+__all__ = ["deform_conv3d", "DeformConv3d", "DeformConv3dPack", "DEFAULT_MEMORY_BUDGET", "IMPLEMENTATIONS"]
 
 #: Default working-memory budget in bytes for one chunk of output voxels (forward or backward).
 DEFAULT_MEMORY_BUDGET: int = 96 * 2**20
+
+#: Accepted values of ``implementation``.
+IMPLEMENTATIONS: tuple[str, ...] = ("auto", "gather", "grid_sample")
 
 
 def _triple(v: int | Sequence[int]) -> tuple[int, int, int]:
@@ -291,6 +301,42 @@ class _DeformConv3dFunction(torch.autograd.Function):
         return grad_x, grad_off, grad_w, grad_b, grad_m, None, None, None, None, None, None, None
 
 
+def _deform_conv3d_grid_sample(x, offset, weight, bias, mask, stride, padding, dilation, groups, og, out_sz):
+    """``implementation="grid_sample"``: one trilinear ``F.grid_sample`` for all kernel points, one GEMM.
+
+    Shapes as in :func:`deform_conv3d`; autograd differentiates through ``grid_sample`` and the GEMM.
+    """
+    b, c, d, h, w = x.shape
+    cout, cin_g = weight.shape[:2]
+    ksz = weight.shape[2:]
+    K = ksz[0] * ksz[1] * ksz[2]
+    s = out_sz[0] * out_sz[1] * out_sz[2]
+    cg = c // og
+    dev, dt = x.device, x.dtype
+    kk = torch.stack(torch.meshgrid(*[torch.arange(k, device=dev) for k in ksz], indexing="ij"), dim=-1)
+    kk = kk.reshape(K, 3).to(dt) * torch.tensor(dilation, device=dev, dtype=dt)  # (K, 3) kernel displacements
+    base = torch.stack(
+        torch.meshgrid(*[torch.arange(out_sz[a], device=dev, dtype=dt) * stride[a] - padding[a] for a in range(3)], indexing="ij"),
+        dim=-1,
+    )  # (D', H', W', 3) top-left-front sampling position of each output voxel
+    off = offset.reshape(b, og, K, 3, *out_sz).permute(0, 1, 2, 4, 5, 6, 3)  # (B, og, K, D', H', W', 3)
+    pos = base + kk.view(K, 1, 1, 1, 3) + off
+    # voxel position -> grid_sample coordinate with align_corners=False: g = (2 p + 1) / size - 1 (valid for size 1)
+    size = torch.tensor((d, h, w), device=dev, dtype=dt)
+    grid = ((2 * pos + 1) / size - 1).flip(-1)  # grid_sample's last axis is (x=W, y=H, z=D)
+    grid = grid.reshape(b * og, K * out_sz[0], out_sz[1], out_sz[2], 3)
+    cols = F.grid_sample(
+        x.reshape(b * og, cg, d, h, w), grid, mode="bilinear", padding_mode="zeros", align_corners=False
+    )  # (B*og, Cg, K*D', H', W')
+    cols = cols.view(b, og, cg, K, s)
+    if mask is not None:
+        cols = cols * mask.reshape(b, og, 1, K, s)
+    cols = cols.reshape(b, groups, cin_g * K, s)  # channel-major rows (c, k), the order of weight.view(..., K)
+    out = torch.matmul(weight.reshape(groups, cout // groups, cin_g * K), cols)  # (B, groups, C_out/g, S)
+    out = out.reshape(b, cout, *out_sz)
+    return out if bias is None else out + bias.view(1, cout, 1, 1, 1)
+
+
 def _auto_chunk(n_entries_per_voxel: int, cg: int, elem: int, budget: int) -> int:
     # rough bytes per (voxel, kernel point, offset group) entry in backward: indices/weights of 8 corners for
     # value + 3 derivatives, sampled rows, column gradients, sort buffers.
@@ -310,6 +356,7 @@ def deform_conv3d(
     offset_groups: int | None = None,
     chunk_size: int | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    implementation: str = "auto",
 ) -> torch.Tensor:
     """3D deformable convolution (modulated if ``mask`` is given), trilinear sampling with zero padding.
 
@@ -326,10 +373,15 @@ def deform_conv3d(
             when None.
         chunk_size: number of output voxels processed at once; None derives it from ``memory_budget``.
         memory_budget: working-memory budget in bytes used to derive the chunk size.
+        implementation: ``"gather"`` (chunked, memory bounded, fastest on CPU), ``"grid_sample"`` (native
+            sampling kernels, fastest on CUDA, columns not chunked) or ``"auto"`` (``grid_sample`` on CUDA,
+            ``gather`` otherwise). ``chunk_size`` and ``memory_budget`` apply to ``gather`` only.
 
     Returns:
         (B, C_out, D_out, H_out, W_out), dtype of ``input`` (half inputs are computed in float32).
     """
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}.")
     if input.dim() != 5 or weight.dim() != 5:
         raise ValueError("input and weight must be 5D (B, C, D, H, W) / (C_out, C_in/groups, kd, kh, kw).")
     stride, padding, dilation = _triple(stride), _triple(padding), _triple(dilation)
@@ -355,6 +407,15 @@ def deform_conv3d(
     orig = input.dtype
     dt = torch.float32 if orig in (torch.float16, torch.bfloat16) else orig
     cast = lambda t: None if t is None else t.to(dt)  # noqa: E731
+    if implementation == "auto":
+        implementation = "grid_sample" if input.device.type == "cuda" else "gather"
+    if implementation == "grid_sample":
+        with torch.autocast(device_type=input.device.type, enabled=False):
+            out = _deform_conv3d_grid_sample(
+                input.to(dt), cast(offset), cast(weight), cast(bias), cast(mask),
+                stride, padding, dilation, groups, og, out_sz,
+            )
+        return out.to(orig)
     if chunk_size is None:
         chunk_size = _auto_chunk(K * og, cin // og, torch.finfo(dt).bits // 8, memory_budget)
     out = _DeformConv3dFunction.apply(
@@ -377,6 +438,7 @@ class DeformConv3d(nn.Module):
         bias: whether to learn an additive bias.
         chunk_size: output voxels per chunk, None: derived from ``memory_budget``.
         memory_budget: working-memory budget in bytes for one chunk.
+        implementation: ``"auto"``, ``"gather"`` or ``"grid_sample"``, see :func:`deform_conv3d`.
     """
 
     def __init__(
@@ -392,8 +454,12 @@ class DeformConv3d(nn.Module):
         bias: bool = True,
         chunk_size: int | None = None,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        implementation: str = "auto",
     ) -> None:
         super().__init__()
+        if implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}.")
+        self.implementation = implementation
         if in_channels % groups or out_channels % groups or in_channels % offset_groups:
             raise ValueError("in/out channels must be divisible by groups and in_channels by offset_groups.")
         self.in_channels, self.out_channels = in_channels, out_channels
@@ -429,7 +495,7 @@ class DeformConv3d(nn.Module):
         """
         return deform_conv3d(
             x, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask,
-            self.offset_groups, self.chunk_size, self.memory_budget,
+            self.offset_groups, self.chunk_size, self.memory_budget, self.implementation,
         )
 
 
@@ -459,10 +525,11 @@ class DeformConv3dPack(DeformConv3d):
         modulated: bool = False,
         chunk_size: int | None = None,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        implementation: str = "auto",
     ) -> None:
         super().__init__(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, offset_groups, bias,
-            chunk_size, memory_budget,
+            chunk_size, memory_budget, implementation,
         )
         self.modulated = modulated
         n_off = 3 * offset_groups * self.num_kernel_points

@@ -222,3 +222,48 @@ def test_low_precision_and_autocast(dtype):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ya = deform_conv3d(x.float(), off.float(), w.float(), padding=1)
     assert (ya.double() - ref).abs().max().item() <= 1e-2 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("cin,cout,k,s,p,d,groups,og,shape", CONV_CASES)
+@pytest.mark.parametrize("modulated", [False, True])
+def test_grid_sample_implementation_equals_gather(cin, cout, k, s, p, d, groups, og, shape, modulated):
+    """Both implementations compute the same function and the same gradients (float64)."""
+    torch.manual_seed(8)
+    k3 = _t3(k)
+    K = k3[0] * k3[1] * k3[2]
+    x = torch.randn(2, cin, *shape, dtype=DT, requires_grad=True)
+    w = torch.randn(cout, cin // groups, *k3, dtype=DT, requires_grad=True)
+    bvec = torch.randn(cout, dtype=DT, requires_grad=True)
+    osz = _out_size(shape, k3, _t3(s), _t3(p), _t3(d))
+    off = _non_integer(1.3 * torch.randn(2, 3 * og * K, *osz, dtype=DT)).requires_grad_()
+    mask = torch.rand(2, og * K, *osz, dtype=DT, requires_grad=True) if modulated else None
+    leaves = [x, off, w, bvec] + ([mask] if modulated else [])
+    outs = []
+    for impl in ("gather", "grid_sample"):
+        y = deform_conv3d(x, off, w, bvec, s, p, d, mask=mask, offset_groups=og, implementation=impl)
+        g = torch.autograd.grad(y, leaves, torch.linspace(-1, 1, y.numel(), dtype=DT).view_as(y))
+        outs.append([y, *g])
+    for a, b in zip(*outs):
+        assert a.shape == b.shape
+        assert (a - b).abs().max().item() < 1e-9
+    zero = torch.zeros_like(off)
+    y0 = deform_conv3d(x, zero, w, bvec, s, p, d, offset_groups=og, implementation="grid_sample")
+    assert (y0 - F.conv3d(x, w, bvec, _t3(s), _t3(p), _t3(d), groups)).abs().max().item() < 1e-10
+
+
+def test_grid_sample_gradcheck_and_bad_implementation():
+    torch.manual_seed(9)
+    x = torch.randn(1, 2, 4, 3, 3, dtype=DT, requires_grad=True)
+    w = torch.randn(2, 2, 3, 3, 3, dtype=DT, requires_grad=True)
+    off = _non_integer(0.7 * torch.randn(1, 81, 4, 3, 3, dtype=DT)).requires_grad_()
+    mask = torch.rand(1, 27, 4, 3, 3, dtype=DT, requires_grad=True)
+
+    def fn(a, o, ww, m):
+        return deform_conv3d(a, o, ww, None, 1, 1, 1, mask=m, implementation="grid_sample")
+
+    assert torch.autograd.gradcheck(fn, [x, off, w, mask], fast_mode=True)
+    with pytest.raises(ValueError, match="implementation"):
+        deform_conv3d(x, off, w, padding=1, implementation="cuda")
+    with pytest.raises(ValueError, match="implementation"):
+        DeformConv3dPack(2, 2, 3, padding=1, implementation="fast")
+    assert DeformConv3dPack(2, 2, 3, padding=1).implementation == "auto"
