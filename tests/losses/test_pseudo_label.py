@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from monai.losses import DiceCELoss
+from monai.losses import DiceCELoss, DiceLoss
 
 from multicure_monai.losses.pseudo_label import PseudoLabelLoss
 
@@ -101,3 +101,24 @@ def test_validation() -> None:
         PseudoLabelLoss(1.0)
     with pytest.raises(ValueError, match="same shape"):
         PseudoLabelLoss()(torch.randn(1, 2, 4, 4), torch.rand(1, 3, 4, 4))
+
+
+@pytest.mark.parametrize("include_background", [True, False])
+def test_empty_pseudo_label_class_left_out_of_dice(include_background: bool) -> None:
+    """A confident all-background teacher: the foreground Dice term (~1 for any non-zero p_fg) is dropped."""
+    torch.manual_seed(1)
+    teacher = torch.stack([torch.full((2, 6, 6, 6), 0.95), torch.full((2, 6, 6, 6), 0.05)], dim=1)
+    teacher[1, :, :2] = torch.tensor([0.1, 0.9]).view(2, 1, 1, 1)  # sample 1 has confident foreground
+    logits = torch.randn(2, 2, 6, 6, 6)
+    ce = torch.nn.functional.cross_entropy(logits, teacher.argmax(1))
+    per_pair = DiceLoss(to_onehot_y=True, softmax=True, include_background=include_background, reduction="none")(
+        logits, teacher.argmax(1, keepdim=True)
+    ).reshape(2, -1)
+    present = torch.tensor([[True, False], [True, True]])[:, 0 if include_background else 1 :]
+    expected = ce + per_pair[present].mean()
+    ours = PseudoLabelLoss(0.7, include_background=include_background)(logits, teacher)
+    torch.testing.assert_close(ours, expected)
+    legacy = PseudoLabelLoss(0.7, include_background=include_background, ignore_empty=False)(logits, teacher)
+    torch.testing.assert_close(legacy, ce + per_pair.mean())
+    assert float(legacy) > float(ours)  # the empty pair adds ~1 to the legacy mean
+
