@@ -16,8 +16,10 @@ One iteration (``L = L_s + lambda_u * L_u + lambda_c(t) * L_c``, eqs. 1-3 of the
     L_s = DiceCE(P_l, y_l) + DiceCE(A_l, y_l)            trains both nets
     L_u = PL(A_u, argmax P_u | conf > 0.7)               trains the auxiliary net only (teacher detached)
           + lambda_reg * L1(A_u, P_u on argmax A_u XOR argmax P_u)
-                                                         trains both nets (mutual correction, as MCF), unless
-                                                         ``detach_predictive_in_reg``
+                                                         trains the auxiliary net only by default
+                                                         (``detach_predictive_in_reg=True``: eq. 2 compares A_u
+                                                         with the pseudo label); False also trains the
+                                                         predictive net (MCF's mutual correction)
     L_c = sum over ``contrastive_networks`` and feature levels of the prototype contrastive loss (eqs. 4-5),
           each net on its own projected decoder features; reliable voxels (conf > tau) build the class
           prototypes, uncertain voxels (conf <= tau) are pulled to their class prototype; the class of a
@@ -83,7 +85,9 @@ class SemiSupervisedTrainer(SupervisedTrainer):
             reliable/uncertain split of the contrastive loss).
         contrastive_networks: which networks' features the contrastive loss trains (``"predictive"``,
             ``"auxiliary"``).
-        detach_predictive_in_reg: stop the XOR regularisation's gradient into the predictive net.
+        detach_predictive_in_reg: stop the XOR regularisation's gradient into the predictive net (default). With
+            False the regulariser also pulls the teacher towards the student; on the half-resolution LA data
+            that feedback collapsed both nets to empty predictions once ``lambda_u`` had ramped up.
         predictive_uses_uncertainty: the predictive net holds a MultiCURE block (authors' released code); it
             then gets the uncertainty map of a first, gradient-free pass of itself.
         supervised_only: ablation baseline; trains both nets on labelled data only with ``L_s`` (same
@@ -115,7 +119,7 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         contrastive_weight: float | Callable[[int], float] = 0.0,
         uncertainty_threshold: float = 0.7,
         contrastive_networks: Sequence[str] = _NETWORK_NAMES,
-        detach_predictive_in_reg: bool = False,
+        detach_predictive_in_reg: bool = True,
         predictive_uses_uncertainty: bool = False,
         supervised_only: bool = False,
         empty_unlabeled: str = "warn",

@@ -99,12 +99,12 @@ def test_auxiliary_net_receives_the_predictive_uncertainty_map() -> None:
 
 
 @pytest.mark.parametrize(
-    "active, predictive_gets_grad",
-    [("pseudo", False), ("reg", True), ("contrastive", True)],
+    "active, detach_reg, predictive_gets_grad",
+    [("pseudo", True, False), ("reg", True, False), ("reg", False, True), ("contrastive", True, True)],
 )
-def test_which_net_each_unsupervised_term_trains(active: str, predictive_gets_grad: bool) -> None:
-    """L_pseudo trains the auxiliary net only (teacher detached); L_reg and L_c reach the predictive net too."""
-    trainer = _trainer(iterations=1)
+def test_which_net_each_unsupervised_term_trains(active: str, detach_reg: bool, predictive_gets_grad: bool) -> None:
+    """L_pseudo and (by default) L_reg train the auxiliary net only; L_c, and L_reg undetached, reach the teacher."""
+    trainer = _trainer(iterations=1, detach_predictive_in_reg=detach_reg)
     x_l = torch.stack([d["image"] for d in _labelled()[:2]])
     y_l = torch.stack([d["label"] for d in _labelled()[:2]])
     x = torch.cat([x_l, torch.randn(2, 1, SIZE, SIZE, SIZE)])
