@@ -1,0 +1,31 @@
+"""Smoke tests of the benchmark scripts at tiny sizes: they run from the repository root and print their ratios."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+CASES = [
+    (["benchmarks/deform_conv3d.py", "--shape", "1", "4", "6", "6", "5", "--out-channels", "4", "--repeats", "1",
+      "--no-memory", "--grid-sample", "--device", "cpu"], ["deform / conv: time x", "grid_sample / conv: time x"]),
+    (["benchmarks/train_step.py", "--roi", "16", "16", "16", "--labelled", "1", "--unlabelled", "1", "--repeats", "1",
+      "--warmup", "0", "--device", "cpu"], ["ratio full/reference (total):"]),
+    (["benchmarks/inference.py", "--shape", "20", "18", "16", "--roi", "16", "16", "16", "--stride", "4", "2", "16",
+      "--sw-batch-sizes", "1", "2", "--repeats", "1", "--device", "cpu", "--threads", "1"], ["fastest:"]),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args, expected", CASES, ids=["deform_conv3d", "train_step", "inference"])
+def test_benchmark_runs_and_reports(args: list[str], expected: list[str]) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for text in expected:
+        assert text in out.stdout, out.stdout[-2000:]
