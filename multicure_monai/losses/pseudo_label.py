@@ -36,10 +36,12 @@ class PseudoLabelLoss(nn.Module):
     With ``ignore_empty=True`` (default) a (sample, channel) pair whose pseudo-label has no voxel inside the mask
     is left out of the Dice mean (the Dice is 0 when every pair is left out). A soft Dice against an empty
     target is ~1 whatever the prediction unless every probability of that channel is driven to exactly 0, so
-    keeping those pairs (``ignore_empty=False``, MONAI's ``DiceLoss`` behaviour) pushes the student towards
-    predicting background everywhere on every unlabelled crop without confident foreground; on the
-    half-resolution LA data this collapsed both networks to empty predictions after ~1000 iterations
-    (ensemble validation Dice 0.82 -> 0.00) once the unsupervised weight had ramped up. When no voxel of the batch passes the
+    keeping those pairs (``ignore_empty=False``, MONAI's ``DiceLoss`` behaviour: a sample with no masked voxel
+    then contributes Dice 0 for every channel but still counts in the mean) adds a constant ~0.5 to the loss on
+    crops without confident foreground and a pull towards predicting background there. (On the half-resolution
+    LA data the loss sat at that value after the two nets had collapsed to empty predictions; the collapse itself
+    came from ``L_reg`` reaching the predictive net, see
+    :class:`~multicure_monai.engines.SemiSupervisedTrainer`.) When no voxel of the batch passes the
     threshold the loss is ``logits.float().mean() * 0`` (zero, still attached to the graph). No gradient ever
     reaches ``teacher_probs``.
 
