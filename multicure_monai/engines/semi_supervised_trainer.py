@@ -214,8 +214,7 @@ class SemiSupervisedTrainer(SupervisedTrainer):
 
     def lambda_c(self, iteration: int) -> float:
         """The contrastive weight at a 1-based iteration number."""
-        weight = self.contrastive_weight
-        return float(weight(iteration)) if callable(weight) else float(weight)
+        return _weight_at(self.contrastive_weight, iteration)
 
     # ------------------------------------------------------------- iteration
     def _iteration(self, engine: SupervisedTrainer, batchdata: dict[str, torch.Tensor]) -> dict:  # type: ignore[override]
@@ -326,7 +325,7 @@ class SemiSupervisedTrainer(SupervisedTrainer):
                             feats, contrast_labels, reliable, uncertain
                         )
         loss_unsup = loss_pseudo + self.lambda_reg * loss_reg
-        lambda_u = self.lambda_u(self.state.iteration) if callable(self.lambda_u) else self.lambda_u
+        lambda_u = _weight_at(self.lambda_u, self.state.iteration)
         loss = loss_sup + lambda_u * loss_unsup + lambda_c * loss_contrastive
         return {
             Keys.LOSS: loss,
@@ -352,6 +351,11 @@ class SemiSupervisedTrainer(SupervisedTrainer):
             logits, feats = net(x, return_features=True, **kwargs)
             return logits, list(feats)
         return net(x, **kwargs), None
+
+
+def _weight_at(weight: float | Callable[[int], float], iteration: int) -> float:
+    """A loss weight given as a constant or as a callable of the (1-based) iteration number."""
+    return float(weight(iteration)) if callable(weight) else float(weight)
 
 
 def _is_empty(loader: Iterable) -> bool:

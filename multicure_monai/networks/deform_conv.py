@@ -59,6 +59,12 @@ def _triple(v: int | Sequence[int]) -> tuple[int, int, int]:
     return t  # type: ignore[return-value]
 
 
+def _kernel_displacements(ksz, dilation, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(K, 3) displacement (d, h, w) of every kernel point from the window corner, raster order over (kd, kh, kw)."""
+    kk = torch.stack(torch.meshgrid(*[torch.arange(k, device=device) for k in ksz], indexing="ij"), dim=-1)
+    return kk.reshape(-1, 3).to(dtype) * torch.tensor(dilation, device=device, dtype=dtype)
+
+
 class _Geometry:
     """Static sampling geometry shared by forward and backward (no tensors depending on the data)."""
 
@@ -75,11 +81,9 @@ class _Geometry:
         d, h, w = self.in_sz
         self.Dp, self.Hp, self.Wp = d + 2, h + 2, w + 2
         dev = x.device
-        # integer kernel displacements, (K,) per axis, raster order over (kd, kh, kw)
-        kk = torch.stack(
-            torch.meshgrid(*[torch.arange(k, device=dev) for k in self.ksz], indexing="ij"), dim=-1
-        ).reshape(self.K, 3)
-        self.kdisp = [(kk[:, a] * dilation[a]).to(x.dtype) for a in range(3)]
+        # kernel displacements, (K,) per axis, raster order over (kd, kh, kw)
+        kk = _kernel_displacements(self.ksz, dilation, dev, x.dtype)
+        self.kdisp = [kk[:, a] for a in range(3)]
         # corner row offsets in the padded table, (8,) in (cd, ch, cw) raster order
         c = torch.stack(torch.meshgrid(*[torch.arange(2, device=dev)] * 3, indexing="ij"), dim=-1).reshape(8, 3)
         self.corner_off = ((c[:, 0] * self.Hp + c[:, 1]) * self.Wp + c[:, 2]) * og
@@ -313,8 +317,7 @@ def _deform_conv3d_grid_sample(x, offset, weight, bias, mask, stride, padding, d
     s = out_sz[0] * out_sz[1] * out_sz[2]
     cg = c // og
     dev, dt = x.device, x.dtype
-    kk = torch.stack(torch.meshgrid(*[torch.arange(k, device=dev) for k in ksz], indexing="ij"), dim=-1)
-    kk = kk.reshape(K, 3).to(dt) * torch.tensor(dilation, device=dev, dtype=dt)  # (K, 3) kernel displacements
+    kk = _kernel_displacements(ksz, dilation, dev, dt)  # (K, 3)
     base = torch.stack(
         torch.meshgrid(*[torch.arange(out_sz[a], device=dev, dtype=dt) * stride[a] - padding[a] for a in range(3)], indexing="ij"),
         dim=-1,

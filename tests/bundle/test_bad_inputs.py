@@ -105,19 +105,21 @@ def _empty_label(tmp):
     return item, "label", {}, "label"
 
 
-def _nan_image(tmp):
+def _good_with_bad_voxel(tmp, value: float) -> dict:
+    """A good case whose image holds one non-finite voxel."""
     item = _good(tmp)
     image = np.ones((S, S, S), np.float32)
-    image[3, 3, 3] = np.nan
+    image[3, 3, 3] = value
     _nii(Path(item["image"]), image)
-    return item, "label", {}, "image"
+    return item
+
+
+def _nan_image(tmp):
+    return _good_with_bad_voxel(tmp, np.nan), "label", {}, "image"
 
 
 def _inf_image(tmp):
-    item = _good(tmp)
-    image = np.ones((S, S, S), np.float32)
-    image[3, 3, 3] = np.inf
-    _nii(Path(item["image"]), image)
+    item = _good_with_bad_voxel(tmp, np.inf)
     return {"image": item["image"]}, None, {}, "image"  # an unlabelled case
 
 
