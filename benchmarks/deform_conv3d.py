@@ -3,6 +3,7 @@
 Usage::
 
     python3 benchmarks/deform_conv3d.py --shape 2 32 56 56 40 --repeats 5 [--device cpu] [--grid-sample]
+    python3 benchmarks/deform_conv3d.py --shape 4 32 32 32 24   # MultiCURE's layer in the 2+2 x 56x56x40 LA step
 
 Time: median of ``--repeats`` runs (after ``--warmup`` runs) of forward + backward (input, weights and,
 for the deformable conv, offsets all require grad), measured with ``time.perf_counter`` (CUDA synchronised).
@@ -17,9 +18,10 @@ Peak memory:
       the extra peak memory caused by forward+backward over a baseline process that only holds the torch
       runtime and the inputs. Allocator caching makes it a comparable, not exact, measure.
 
-Variants: ``conv`` (nn.Conv3d), ``deform`` (``DeformConv3d`` of this package, ``implementation="gather"``, the
-CPU default), optionally ``grid_sample`` (``implementation="grid_sample"``: one ``F.grid_sample`` into a
-(B, C, K*D, H, W) tensor, then one GEMM; the CUDA default).
+Variants: ``conv`` (nn.Conv3d); ``DeformConv3d`` of this package with ``gather`` (pure PyTorch, chunked) and, on
+CPU, ``compiled`` (the same chunking with the fused C++ sampling kernels; the CPU default); optionally
+``grid_sample`` (one ``F.grid_sample`` into a (B, C, K*D, H, W) tensor, then one GEMM; the CUDA default).
+Timings alternate between the variants (round robin), so a change in machine load hits all of them alike.
 """
 
 from __future__ import annotations
@@ -50,8 +52,7 @@ def _make(variant: str, shape, cout: int, device: str, seed: int = 0):
         mod = torch.nn.Conv3d(c, cout, 3, padding=1).to(device)
         return (lambda: mod(x)), [x]
     offset = (0.5 * torch.randn(b, 81, d, h, w, device=device)).requires_grad_()
-    impl = {"deform": "gather", "grid_sample": "grid_sample"}[variant]
-    mod = DeformConv3d(c, cout, 3, padding=1, implementation=impl).to(device)
+    mod = DeformConv3d(c, cout, 3, padding=1, implementation=variant).to(device)
     return (lambda: mod(x, offset)), [x, offset]
 
 
@@ -65,18 +66,21 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_variant(variant: str, shape, cout: int, device: str, repeats: int, warmup: int) -> float:
-    fn, _ = _make(variant, shape, cout, device)
-    for _ in range(warmup):
-        _step(fn)
+def time_variants(variants: list[str], shape, cout: int, device: str, repeats: int, warmup: int) -> dict[str, float]:
+    """Median forward+backward time per variant; the repeats alternate between the variants."""
+    fns = {v: _make(v, shape, cout, device)[0] for v in variants}
+    for v in variants:
+        for _ in range(warmup):
+            _step(fns[v])
     _sync(device)
-    ts = []
+    ts: dict[str, list[float]] = {v: [] for v in variants}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        _step(fn)
-        _sync(device)
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+        for v in variants:
+            t0 = time.perf_counter()
+            _step(fns[v])
+            _sync(device)
+            ts[v].append(time.perf_counter() - t0)
+    return {v: statistics.median(t) for v, t in ts.items()}
 
 
 def memory_variant(variant: str, shape, cout: int, device: str) -> float:
@@ -118,19 +122,22 @@ def main() -> None:
     p.add_argument("--grid-sample", action="store_true", help="also run implementation='grid_sample'")
     p.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
     args = p.parse_args()
-    variants = ["conv", "deform"] + (["grid_sample"] if args.grid_sample else [])
+    variants = ["conv", "gather"] + (["compiled"] if args.device == "cpu" else [])
+    variants += ["grid_sample"] if args.grid_sample else []
     res = {}
     # memory first (fresh subprocesses on CPU), then timing in this process
     mem = {v: float("nan") if args.no_memory else memory_variant(v, args.shape, args.out_channels, args.device) for v in variants}
+    times = time_variants(variants, args.shape, args.out_channels, args.device, args.repeats, args.warmup)
     for v in variants:
-        t = time_variant(v, args.shape, args.out_channels, args.device, args.repeats, args.warmup)
-        m = mem[v]
+        t, m = times[v], mem[v]
         res[v] = (t, m)
         print(f"{v:>11s}: fwd+bwd median {t * 1e3:9.1f} ms   peak extra memory {m:8.1f} MiB", flush=True)
     t0, m0 = res["conv"]
     for v in variants[1:]:
         t, m = res[v]
         print(f"{v:>11s} / conv: time x{t / t0:.2f}   memory x{m / m0 if m0 > 0 else float('nan'):.2f}")
+    if "compiled" in res:
+        print(f"   compiled / gather: time x{res['compiled'][0] / res['gather'][0]:.2f}")
     print(f"(shape {args.shape}, C_out {args.out_channels}, device {args.device}, threads {torch.get_num_threads()})")
 
 

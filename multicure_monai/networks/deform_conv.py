@@ -1,8 +1,10 @@
-"""3D deformable convolution (DCNv1 / modulated DCNv2) in pure PyTorch.
+"""3D deformable convolution (DCNv1 / modulated DCNv2) for CPU and CUDA.
 
 MultiCURE (Karimijafarbigloo et al., MIDL 2024, Sec. 2.1) uses a deformable convolution in its third branch.
-Neither MONAI nor torchvision provides a *3D* deformable convolution, and compiled extensions (mmcv) are not an
-option, so it is written here with plain tensor operations that run on CPU and CUDA alike.
+Neither MONAI nor torchvision provides a *3D* deformable convolution, and compiled dependencies (mmcv) are not
+an option, so it is written here: with plain tensor operations that run on CPU and CUDA alike, plus fused CPU
+sampling kernels that ship as C++ source and are compiled on first use
+(:mod:`multicure_monai.networks.deform_conv_extension`).
 
 Algorithm (memory bounded, recompute in backward):
 
@@ -17,12 +19,17 @@ Algorithm (memory bounded, recompute in backward):
   more ``embedding_bag`` calls and row-wise dot products with the column gradient); the gradient w.r.t.
   the input (a scatter) is computed as a *gather* over the entries sorted by their target row.
 
-A second implementation, ``"grid_sample"``, samples all ``K`` kernel points with one trilinear
+``implementation="compiled"`` runs the same chunk loop and GEMMs, with the per-chunk sampling (forward columns;
+backward columns, offset / mask gradients and the input-gradient scatter in one sweep) in OpenMP C++ kernels
+instead of the gather / sort / scatter tensor operations.
+
+A further implementation, ``"grid_sample"``, samples all ``K`` kernel points with one trilinear
 ``F.grid_sample`` call (zero padding) and applies the weights with one batched GEMM, with autograd through both.
 It needs ``B*C_in*K*S`` floats for the columns (not chunked), but uses PyTorch's native sampling kernels, which
 on CUDA are much faster than the gather path; on CPU the 3D ``grid_sample`` kernels are slower than the chunked
-gather. ``implementation="auto"`` (the default) therefore picks ``"grid_sample"`` on CUDA and ``"gather"``
-elsewhere; both compute the same function (the tests compare them in float64).
+gather. ``implementation="auto"`` (the default) therefore picks ``"grid_sample"`` on CUDA, ``"compiled"`` on CPU
+when the kernels build, and ``"gather"`` otherwise; all three compute the same function (the tests compare them
+in float64).
 
 Out-of-volume samples read zeros (zero padding); every corner outside the volume contributes zero.
 
@@ -41,13 +48,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from multicure_monai.networks.deform_conv_extension import EXTENSION_ENV, load_cpu_extension
+
 __all__ = ["deform_conv3d", "DeformConv3d", "DeformConv3dPack", "DEFAULT_MEMORY_BUDGET", "IMPLEMENTATIONS"]
 
 #: Default working-memory budget in bytes for one chunk of output voxels (forward or backward).
 DEFAULT_MEMORY_BUDGET: int = 96 * 2**20
 
 #: Accepted values of ``implementation``.
-IMPLEMENTATIONS: tuple[str, ...] = ("auto", "gather", "grid_sample")
+IMPLEMENTATIONS: tuple[str, ...] = ("auto", "gather", "grid_sample", "compiled")
 
 
 def _triple(v: int | Sequence[int]) -> tuple[int, int, int]:
@@ -218,53 +227,85 @@ def _chunks(geo: _Geometry, chunk: int):
             yield b, s0, min(s0 + chunk, geo.S)
 
 
+def _ext_args(geo: _Geometry) -> tuple:
+    """Geometry arguments of the compiled kernels (see ``csrc/deform_conv3d_cpu.cpp``)."""
+    return list(geo.ksz), list(geo.stride), list(geo.padding), list(geo.dilation), list(geo.out_sz)
+
+
+def _contig(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.contiguous()
+
+
 class _DeformConv3dFunction(torch.autograd.Function):
+    """Chunked deformable convolution. The sampling runs in the compiled CPU kernels when ``ext`` is given,
+    else in the pure PyTorch gather / scatter code above; chunk loop, GEMMs and grouping are shared."""
+
     @staticmethod
-    def forward(ctx, x, offset, weight, bias, mask, stride, padding, dilation, groups, og, out_sz, chunk):
+    def forward(ctx, x, offset, weight, bias, mask, stride, padding, dilation, groups, og, out_sz, chunk, ext):
         with torch.autocast(device_type=x.device.type, enabled=False):
             geo = _Geometry(x, weight, stride, padding, dilation, og, out_sz)
             cout = weight.shape[0]
-            table = _padded_table(x, og)
             wm = _weight_matrix(weight, groups, geo.K)
             offv = offset.reshape(geo.B, og, geo.K, 3, geo.S)
             maskv = None if mask is None else mask.reshape(geo.B, og, geo.K, geo.S)
+            if ext is None:
+                table = _padded_table(x, og)
+            else:
+                x_cl, offv, maskv = x.permute(0, 2, 3, 4, 1).contiguous(), offv.contiguous(), _contig(maskv)
             out = x.new_empty(geo.B, cout, geo.S)
             for b, s0, s1 in _chunks(geo, chunk):
-                off_c = offv[b, ..., s0:s1].permute(3, 1, 0, 2)  # (n, K, og, 3)
-                idx, w, _ = _chunk_setup(geo, b, s0, s1, off_c, derivs=False)
-                if maskv is not None:
-                    w = w * maskv[b, ..., s0:s1].permute(2, 1, 0).reshape(-1, 1)
-                cols = _bag(idx, table, w).view(s1 - s0, -1)  # (n, K*C_in)
+                if ext is None:
+                    off_c = offv[b, ..., s0:s1].permute(3, 1, 0, 2)  # (n, K, og, 3)
+                    idx, w, _ = _chunk_setup(geo, b, s0, s1, off_c, derivs=False)
+                    if maskv is not None:
+                        w = w * maskv[b, ..., s0:s1].permute(2, 1, 0).reshape(-1, 1)
+                    cols = _bag(idx, table, w).view(s1 - s0, -1)  # (n, K*C_in)
+                else:
+                    cols = ext.columns(x_cl, offv, maskv, *_ext_args(geo), b, s0, s1).view(s1 - s0, -1)
                 res = torch.bmm(_group_cols(cols, groups, geo.K), wm)  # (g, n, C_out/g)
                 res = res.permute(1, 0, 2).reshape(s1 - s0, cout)
                 if bias is not None:
                     res = res + bias
                 out[b, :, s0:s1].copy_(res.t())
         ctx.save_for_backward(x, offset, weight, mask)
-        ctx.conf = (stride, padding, dilation, groups, og, out_sz, chunk, bias is not None)
+        ctx.conf = (stride, padding, dilation, groups, og, out_sz, chunk, bias is not None, ext)
         return out.view(geo.B, cout, *out_sz)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         x, offset, weight, mask = ctx.saved_tensors
-        stride, padding, dilation, groups, og, out_sz, chunk, has_bias = ctx.conf
+        stride, padding, dilation, groups, og, out_sz, chunk, has_bias, ext = ctx.conf
         need_x, need_off, need_w, need_b, need_m = ctx.needs_input_grad[:5]
         with torch.autocast(device_type=x.device.type, enabled=False):
             geo = _Geometry(x, weight, stride, padding, dilation, og, out_sz)
             cout = weight.shape[0]
             K = geo.K
-            table = _padded_table(x, og)
             wm = _weight_matrix(weight, groups, K)
             offv = offset.reshape(geo.B, og, K, 3, geo.S)
             maskv = None if mask is None else mask.reshape(geo.B, og, K, geo.S)
             gout = grad_out.reshape(geo.B, cout, geo.S)
-            g_table = torch.zeros_like(table) if need_x else None
-            g_off = torch.zeros_like(offset).view(geo.B, og, K, 3, geo.S) if need_off else None
-            g_mask = torch.zeros_like(mask).view(geo.B, og, K, geo.S) if (need_m and mask is not None) else None
+            g_off = offset.new_zeros(geo.B, og, K, 3, geo.S) if need_off else None
+            g_mask = mask.new_zeros(geo.B, og, K, geo.S) if (need_m and mask is not None) else None
             g_wm = torch.zeros_like(wm) if need_w else None
+            if ext is None:
+                table = _padded_table(x, og)
+                g_table = torch.zeros_like(table) if need_x else None
+            else:
+                x_cl, offv, maskv = x.permute(0, 2, 3, 4, 1).contiguous(), offv.contiguous(), _contig(maskv)
+                g_x_cl = torch.zeros_like(x_cl) if need_x else None
             for b, s0, s1 in _chunks(geo, chunk):
                 n = s1 - s0
+                g_g = gout[b, :, s0:s1].reshape(groups, cout // groups, n).transpose(1, 2)  # (g, n, C_out/g)
+                gcols = _ungroup_cols(torch.bmm(g_g, wm.transpose(1, 2)), K)  # (n, K*C_in)
+                if ext is not None:
+                    cols = ext.backward(
+                        x_cl, offv, maskv, gcols.contiguous(), *_ext_args(geo), b, s0, s1, need_w, g_x_cl, g_off, g_mask
+                    )
+                    if need_w:
+                        g_wm.baddbmm_(_group_cols(cols.view(n, -1), groups, K).transpose(1, 2), g_g)
+                    continue
+                gcols = gcols.reshape(-1, geo.cg)  # (E, Cg)
                 off_c = offv[b, ..., s0:s1].permute(3, 1, 0, 2)
                 idx, w, dws = _chunk_setup(geo, b, s0, s1, off_c, derivs=need_off)
                 m_c = None if maskv is None else maskv[b, ..., s0:s1].permute(2, 1, 0).reshape(-1, 1)
@@ -276,11 +317,8 @@ class _DeformConv3dFunction(torch.autograd.Function):
                 else:
                     val = _bag(idx, table, w)
                 cols = (val if m_c is None else val * m_c).view(n, -1)
-                g_c = gout[b, :, s0:s1]  # (C_out, n)
-                g_g = g_c.view(groups, cout // groups, n).transpose(1, 2)  # (g, n, C_out/g)
                 if need_w:
                     g_wm.baddbmm_(_group_cols(cols, groups, K).transpose(1, 2), g_g)
-                gcols = _ungroup_cols(torch.bmm(g_g, wm.transpose(1, 2)), K).reshape(-1, geo.cg)  # (E, Cg)
                 if need_off:
                     gq = torch.bmm(both[1:].transpose(0, 1), gcols.unsqueeze(-1)).squeeze(-1)  # (E, 3)
                     if m_c is not None:
@@ -292,7 +330,9 @@ class _DeformConv3dFunction(torch.autograd.Function):
                     ws = w if m_c is None else w * m_c
                     _scatter_rows(g_table, idx[:, 0], geo.corner_off, ws, gcols)
             grad_x = grad_w = grad_b = None
-            if need_x:
+            if need_x and ext is not None:
+                grad_x = g_x_cl.permute(0, 4, 1, 2, 3)
+            elif need_x:
                 d, h, wd = geo.in_sz
                 grad_x = g_table.view(geo.B, d + 2, h + 2, wd + 2, geo.C)[:, 1:-1, 1:-1, 1:-1].permute(0, 4, 1, 2, 3)
             if need_w:
@@ -302,7 +342,7 @@ class _DeformConv3dFunction(torch.autograd.Function):
                 grad_b = gout.sum((0, 2))
             grad_off = g_off.view(offset.shape) if need_off else None
             grad_m = g_mask.view(mask.shape) if g_mask is not None else None
-        return grad_x, grad_off, grad_w, grad_b, grad_m, None, None, None, None, None, None, None
+        return grad_x, grad_off, grad_w, grad_b, grad_m, None, None, None, None, None, None, None, None
 
 
 def _deform_conv3d_grid_sample(x, offset, weight, bias, mask, stride, padding, dilation, groups, og, out_sz):
@@ -340,10 +380,11 @@ def _deform_conv3d_grid_sample(x, offset, weight, bias, mask, stride, padding, d
     return out if bias is None else out + bias.view(1, cout, 1, 1, 1)
 
 
-def _auto_chunk(n_entries_per_voxel: int, cg: int, elem: int, budget: int) -> int:
-    # rough bytes per (voxel, kernel point, offset group) entry in backward: indices/weights of 8 corners for
-    # value + 3 derivatives, sampled rows, column gradients, sort buffers.
-    per_entry = 8 * 8 + 4 * 8 * elem + 6 * cg * elem + 8 * (8 + elem) + 64
+def _auto_chunk(n_entries_per_voxel: int, cg: int, elem: int, budget: int, compiled: bool = False) -> int:
+    # rough bytes per (voxel, kernel point, offset group) entry in backward. Pure PyTorch: indices/weights of 8
+    # corners for value + 3 derivatives, sampled rows, column gradients, sort buffers. Compiled kernels: the
+    # columns and their gradient (twice: GEMM output and its contiguous copy).
+    per_entry = 3 * cg * elem + 16 if compiled else 8 * 8 + 4 * 8 * elem + 6 * cg * elem + 8 * (8 + elem) + 64
     return max(64, budget // max(1, per_entry * n_entries_per_voxel))
 
 
@@ -376,9 +417,11 @@ def deform_conv3d(
             when None.
         chunk_size: number of output voxels processed at once; None derives it from ``memory_budget``.
         memory_budget: working-memory budget in bytes used to derive the chunk size.
-        implementation: ``"gather"`` (chunked, memory bounded, fastest on CPU), ``"grid_sample"`` (native
-            sampling kernels, fastest on CUDA, columns not chunked) or ``"auto"`` (``grid_sample`` on CUDA,
-            ``gather`` otherwise). ``chunk_size`` and ``memory_budget`` apply to ``gather`` only.
+        implementation: ``"gather"`` (chunked, memory bounded, pure PyTorch), ``"compiled"`` (the same chunking
+            with fused C++ sampling kernels, CPU only, fastest there), ``"grid_sample"`` (native sampling
+            kernels, fastest on CUDA, columns not chunked) or ``"auto"`` (``grid_sample`` on CUDA, ``compiled``
+            on CPU when it builds, else ``gather``). ``chunk_size`` and ``memory_budget`` apply to ``gather``
+            and ``compiled``.
 
     Returns:
         (B, C_out, D_out, H_out, W_out), dtype of ``input`` (half inputs are computed in float32).
@@ -410,8 +453,18 @@ def deform_conv3d(
     orig = input.dtype
     dt = torch.float32 if orig in (torch.float16, torch.bfloat16) else orig
     cast = lambda t: None if t is None else t.to(dt)  # noqa: E731
-    if implementation == "auto":
-        implementation = "grid_sample" if input.device.type == "cuda" else "gather"
+    ext = None
+    if implementation == "compiled":
+        if input.device.type != "cpu":
+            raise ValueError(f"implementation='compiled' runs on CPU tensors only, got {input.device.type}.")
+        ext = load_cpu_extension()
+        if ext is None:
+            raise RuntimeError(f"the compiled CPU kernels are not available (disabled by {EXTENSION_ENV}=0 or not buildable).")
+    elif implementation == "auto":
+        if input.device.type == "cuda":
+            implementation = "grid_sample"
+        elif input.device.type == "cpu":
+            ext = load_cpu_extension()
     if implementation == "grid_sample":
         with torch.autocast(device_type=input.device.type, enabled=False):
             out = _deform_conv3d_grid_sample(
@@ -420,10 +473,10 @@ def deform_conv3d(
             )
         return out.to(orig)
     if chunk_size is None:
-        chunk_size = _auto_chunk(K * og, cin // og, torch.finfo(dt).bits // 8, memory_budget)
+        chunk_size = _auto_chunk(K * og, cin // og, torch.finfo(dt).bits // 8, memory_budget, ext is not None)
     out = _DeformConv3dFunction.apply(
         input.to(dt), cast(offset), cast(weight), cast(bias), cast(mask),
-        stride, padding, dilation, groups, og, out_sz, int(chunk_size),
+        stride, padding, dilation, groups, og, out_sz, int(chunk_size), ext,
     )
     return out.to(orig)
 
@@ -441,7 +494,7 @@ class DeformConv3d(nn.Module):
         bias: whether to learn an additive bias.
         chunk_size: output voxels per chunk, None: derived from ``memory_budget``.
         memory_budget: working-memory budget in bytes for one chunk.
-        implementation: ``"auto"``, ``"gather"`` or ``"grid_sample"``, see :func:`deform_conv3d`.
+        implementation: ``"auto"``, ``"gather"``, ``"compiled"`` or ``"grid_sample"``, see :func:`deform_conv3d`.
     """
 
     def __init__(

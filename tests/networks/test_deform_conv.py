@@ -1,12 +1,17 @@
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from multicure_monai.networks.deform_conv import DeformConv3d, DeformConv3dPack, deform_conv3d
+from multicure_monai.networks.deform_conv_extension import EXTENSION_ENV, load_cpu_extension
 
 DT = torch.float64
+#: the two chunked CPU paths (pure PyTorch and compiled kernels); grid_sample is compared separately
+CPU_IMPLS = ["gather", "compiled"]
 
 
 def _out_size(shape, k, s, p, d):
@@ -117,7 +122,8 @@ def test_integer_offset_equals_shifted_conv(axis, shift):
     [(2, 3, 3, 1, 1, 1, 1, 1, 0.8), (4, 4, 3, 2, 1, 1, 2, 2, 1.5), (2, 2, (2, 3, 2), 1, (0, 1, 1), (2, 1, 1), 1, 2, 4.0)],
 )
 @pytest.mark.parametrize("modulated", [False, True])
-def test_random_offsets_match_grid_sample_reference(cin, cout, k, s, p, d, groups, og, scale, modulated):
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_random_offsets_match_grid_sample_reference(cin, cout, k, s, p, d, groups, og, scale, modulated, impl):
     torch.manual_seed(2)
     k3 = _t3(k)
     K = k3[0] * k3[1] * k3[2]
@@ -127,14 +133,15 @@ def test_random_offsets_match_grid_sample_reference(cin, cout, k, s, p, d, group
     osz = _out_size((5, 6, 4), k3, _t3(s), _t3(p), _t3(d))
     off = scale * torch.randn(2, 3 * og * K, *osz, dtype=DT)
     mask = torch.rand(2, og * K, *osz, dtype=DT) if modulated else None
-    y = deform_conv3d(x, off, w, bvec, s, p, d, mask=mask, offset_groups=og, chunk_size=11)
+    y = deform_conv3d(x, off, w, bvec, s, p, d, mask=mask, offset_groups=og, chunk_size=11, implementation=impl)
     ref = _reference(x, off, w, bvec, s, p, d, mask, og)
     assert (y - ref).abs().max().item() < 1e-10
 
 
 @pytest.mark.parametrize("stride,groups,og", [(1, 1, 1), (2, 2, 2), ((1, 2, 1), 1, 2)])
 @pytest.mark.parametrize("modulated", [False, True])
-def test_gradcheck(stride, groups, og, modulated):
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_gradcheck(stride, groups, og, modulated, impl):
     torch.manual_seed(3)
     x = torch.randn(1, 4, 4, 4, 3, dtype=DT, requires_grad=True)
     w = torch.randn(2, 4 // groups, 3, 3, 3, dtype=DT, requires_grad=True)
@@ -147,14 +154,17 @@ def test_gradcheck(stride, groups, og, modulated):
 
     def fn(*a):
         m = a[4] if modulated else None
-        return deform_conv3d(a[0], a[1], a[2], a[3], stride, 1, 1, mask=m, offset_groups=og, chunk_size=5)
+        return deform_conv3d(
+            a[0], a[1], a[2], a[3], stride, 1, 1, mask=m, offset_groups=og, chunk_size=5, implementation=impl
+        )
 
     assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
 
 
 @pytest.mark.parametrize("modulated", [False, True])
 @pytest.mark.parametrize("scale", [0.6, 3.0])
-def test_chunked_equals_unchunked(modulated, scale):
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_chunked_equals_unchunked(modulated, scale, impl):
     torch.manual_seed(4)
     x = torch.randn(2, 4, 5, 6, 7, dtype=DT, requires_grad=True)
     w = torch.randn(3, 4, 3, 3, 3, dtype=DT, requires_grad=True)
@@ -163,7 +173,7 @@ def test_chunked_equals_unchunked(modulated, scale):
     g = torch.randn(2, 3, 5, 6, 7, dtype=DT)
     results = []
     for chunk in (1, 13, 10**9):
-        y = deform_conv3d(x, off, w, None, 1, 1, 1, mask=mask, offset_groups=2, chunk_size=chunk)
+        y = deform_conv3d(x, off, w, None, 1, 1, 1, mask=mask, offset_groups=2, chunk_size=chunk, implementation=impl)
         leaves = [x, off, w] + ([mask] if modulated else [])
         grads = torch.autograd.grad(y, leaves, g)
         results.append([y, *grads])
@@ -171,7 +181,7 @@ def test_chunked_equals_unchunked(modulated, scale):
         for a, b in zip(other, results[-1]):
             assert (a - b).abs().max().item() < 1e-10
     # memory budget derives a chunk size and gives the same result
-    y_b = deform_conv3d(x, off, w, None, 1, 1, 1, mask=mask, offset_groups=2, memory_budget=1)
+    y_b = deform_conv3d(x, off, w, None, 1, 1, 1, mask=mask, offset_groups=2, memory_budget=1, implementation=impl)
     assert (y_b - results[-1][0]).abs().max().item() < 1e-10
 
 
@@ -209,25 +219,26 @@ def test_module_explicit_offsets_and_shapes():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_low_precision_and_autocast(dtype):
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_low_precision_and_autocast(dtype, impl):
     torch.manual_seed(7)
     x, w = torch.randn(1, 3, 5, 5, 4).to(dtype), torch.randn(2, 3, 3, 3, 3).to(dtype)
     off = (0.7 * torch.randn(1, 81, 5, 5, 4)).to(dtype)
     # reference from the same (rounded) inputs in float64: only the output rounding differs
-    ref = deform_conv3d(x.double(), off.double(), w.double(), padding=1)
-    y = deform_conv3d(x, off, w, padding=1)
+    ref = deform_conv3d(x.double(), off.double(), w.double(), padding=1, implementation=impl)
+    y = deform_conv3d(x, off, w, padding=1, implementation=impl)
     assert y.dtype == dtype
     rel = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
     assert (y.double() - ref).abs().max().item() <= rel * ref.abs().max().item()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ya = deform_conv3d(x.float(), off.float(), w.float(), padding=1)
+        ya = deform_conv3d(x.float(), off.float(), w.float(), padding=1, implementation=impl)
     assert (ya.double() - ref).abs().max().item() <= 1e-2 * ref.abs().max().item()
 
 
 @pytest.mark.parametrize("cin,cout,k,s,p,d,groups,og,shape", CONV_CASES)
 @pytest.mark.parametrize("modulated", [False, True])
-def test_grid_sample_implementation_equals_gather(cin, cout, k, s, p, d, groups, og, shape, modulated):
-    """Both implementations compute the same function and the same gradients (float64)."""
+def test_implementations_agree(cin, cout, k, s, p, d, groups, og, shape, modulated):
+    """gather, grid_sample and the compiled kernels compute the same function and the same gradients (float64)."""
     torch.manual_seed(8)
     k3 = _t3(k)
     K = k3[0] * k3[1] * k3[2]
@@ -239,13 +250,14 @@ def test_grid_sample_implementation_equals_gather(cin, cout, k, s, p, d, groups,
     mask = torch.rand(2, og * K, *osz, dtype=DT, requires_grad=True) if modulated else None
     leaves = [x, off, w, bvec] + ([mask] if modulated else [])
     outs = []
-    for impl in ("gather", "grid_sample"):
+    for impl in ("gather", "grid_sample", "compiled"):
         y = deform_conv3d(x, off, w, bvec, s, p, d, mask=mask, offset_groups=og, implementation=impl)
         g = torch.autograd.grad(y, leaves, torch.linspace(-1, 1, y.numel(), dtype=DT).view_as(y))
         outs.append([y, *g])
-    for a, b in zip(*outs):
-        assert a.shape == b.shape
-        assert (a - b).abs().max().item() < 1e-9
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            assert a.shape == b.shape
+            assert (a - b).abs().max().item() < 1e-9
     zero = torch.zeros_like(off)
     y0 = deform_conv3d(x, zero, w, bvec, s, p, d, offset_groups=og, implementation="grid_sample")
     assert (y0 - F.conv3d(x, w, bvec, _t3(s), _t3(p), _t3(d), groups)).abs().max().item() < 1e-10
@@ -267,3 +279,38 @@ def test_grid_sample_gradcheck_and_bad_implementation():
     with pytest.raises(ValueError, match="implementation"):
         DeformConv3dPack(2, 2, 3, padding=1, implementation="fast")
     assert DeformConv3dPack(2, 2, 3, padding=1).implementation == "auto"
+
+
+def test_compiled_kernels_build_and_auto_uses_them():
+    """The CPU kernels build here (CI has a compiler); ``auto`` on CPU runs them; ``compiled`` is CPU only."""
+    if os.environ.get(EXTENSION_ENV, "1") == "0":
+        pytest.skip(f"{EXTENSION_ENV}=0")
+    ext = load_cpu_extension()
+    assert ext is not None and hasattr(ext, "columns") and hasattr(ext, "backward")
+    torch.manual_seed(10)
+    x = torch.randn(1, 2, 4, 4, 3, dtype=DT)
+    off = 0.7 * torch.randn(1, 81, 4, 4, 3, dtype=DT)
+    w = torch.randn(3, 2, 3, 3, 3, dtype=DT)
+    y_auto = deform_conv3d(x, off, w, padding=1)
+    assert torch.equal(y_auto, deform_conv3d(x, off, w, padding=1, implementation="compiled"))
+    with pytest.raises(ValueError, match="CPU"):
+        deform_conv3d(x.to("meta"), off.to("meta"), w.to("meta"), padding=1, implementation="compiled")
+
+
+def test_disabled_extension_falls_back_to_gather(monkeypatch):
+    """``MULTICURE_DEFORM_CONV_EXTENSION=0``: no build, ``auto`` gives the gather result, ``compiled`` refuses."""
+    torch.manual_seed(11)
+    x = torch.randn(1, 2, 4, 4, 3, dtype=DT)
+    off = 0.7 * torch.randn(1, 81, 4, 4, 3, dtype=DT)
+    w = torch.randn(3, 2, 3, 3, 3, dtype=DT)
+    monkeypatch.setenv(EXTENSION_ENV, "0")
+    load_cpu_extension.cache_clear()
+    try:
+        assert load_cpu_extension() is None
+        y = deform_conv3d(x, off, w, padding=1)
+        assert torch.equal(y, deform_conv3d(x, off, w, padding=1, implementation="gather"))
+        with pytest.raises(RuntimeError, match=EXTENSION_ENV):
+            deform_conv3d(x, off, w, padding=1, implementation="compiled")
+    finally:
+        monkeypatch.delenv(EXTENSION_ENV)
+        load_cpu_extension.cache_clear()

@@ -1,0 +1,89 @@
+"""Just-in-time build of the fused CPU sampling kernels of the 3D deformable convolution.
+
+The pure PyTorch ``"gather"`` path of :func:`multicure_monai.networks.deform_conv.deform_conv3d` spends most of
+its CPU time in generic gather / sort / scatter kernels and their temporaries. ``csrc/deform_conv3d_cpu.cpp``
+does the same sampling in one OpenMP loop nest per pass (forward columns; backward columns, offset, mask and
+input gradients in one sweep). PyTorch has no 3D deformable sampling kernel and a compiled dependency (mmcv)
+is not an option, so the source ships with the package and is compiled on first use with
+``torch.utils.cpp_extension.load`` (C++ compiler and ninja needed; about a minute once, then cached under
+``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``). When the build fails, or
+``MULTICURE_DEFORM_CONV_EXTENSION=0`` is set, :func:`load_cpu_extension` returns None, warns once, and the
+convolution falls back to the pure PyTorch path, which computes the same function.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import shutil
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+__all__ = ["EXTENSION_ENV", "SOURCE", "load_cpu_extension"]
+
+#: Environment variable; ``0`` disables the compiled CPU kernels (pure PyTorch fallback).
+EXTENSION_ENV = "MULTICURE_DEFORM_CONV_EXTENSION"
+
+#: The C++ source compiled on first use.
+SOURCE = Path(__file__).resolve().parent / "csrc" / "deform_conv3d_cpu.cpp"
+
+
+def _ensure_ninja_on_path() -> None:
+    """``torch.utils.cpp_extension`` calls ``ninja`` from ``PATH``; the ``ninja`` wheel may sit in a venv not on it."""
+    if shutil.which("ninja") is not None:
+        return
+    try:
+        import ninja  # the PyPI wheel, a dependency of this package
+    except ImportError:
+        return
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
+def _isa_flags() -> tuple[str, list[str]]:
+    """Vector-ISA compiler flags matching what PyTorch detected on this CPU, and a tag for the build name.
+
+    The tag is part of the extension name, so a build cached for an AVX2 machine is never loaded on one
+    without AVX2 (``TORCH_EXTENSIONS_DIR`` may be shared).
+    """
+    import torch
+
+    cap = torch.backends.cpu.get_cpu_capability() if hasattr(torch.backends, "cpu") else "DEFAULT"
+    if platform.machine().lower() in ("x86_64", "amd64") and cap in ("AVX2", "AVX512"):
+        return "avx2", ["-mavx2", "-mfma"]
+    return "base", []
+
+
+@functools.lru_cache(maxsize=None)
+def load_cpu_extension() -> ModuleType | None:
+    """Build (first call on a machine) and import the CPU kernels; None when disabled or not buildable.
+
+    Returns:
+        the extension module with ``columns`` and ``backward`` (see the C++ source for the layouts), or None.
+    """
+    if os.environ.get(EXTENSION_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    try:
+        import torch
+        from torch.utils.cpp_extension import load
+
+        _ensure_ninja_on_path()
+        tag, isa = _isa_flags()
+        torch_tag = "".join(ch if ch.isalnum() else "_" for ch in torch.__version__)
+        return load(
+            # ISA and torch version in the name: a cached build is only reused by a matching CPU and torch
+            name=f"multicure_deform_conv3d_cpu_{tag}_torch{torch_tag}",
+            sources=[str(SOURCE)],
+            extra_cflags=["-O3", "-fopenmp", *isa],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as e:  # noqa: BLE001 - any build/import failure means: use the pure PyTorch path
+        warnings.warn(
+            f"could not build the fused CPU deformable-convolution kernels ({type(e).__name__}: {e}); "
+            f"using the pure PyTorch gather path (same results, slower). Set {EXTENSION_ENV}=0 to silence this.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
