@@ -30,6 +30,7 @@ struct Geometry {
   int64_t kd, kh, kw;
   int64_t sd, sh, sw, pd, ph, pw, dd, dh, dw;
   int64_t Do, Ho, Wo, S;
+  std::vector<int64_t> kdisp;  // (K, 3) displacement of every kernel point from the window origin
 };
 
 Geometry make_geometry(const at::Tensor& x, const at::Tensor& offset, std::vector<int64_t> ksize,
@@ -67,6 +68,12 @@ Geometry make_geometry(const at::Tensor& x, const at::Tensor& offset, std::vecto
   g.Ho = out_size[1];
   g.Wo = out_size[2];
   g.S = g.Do * g.Ho * g.Wo;
+  g.kdisp.resize(3 * g.K);
+  for (int64_t k = 0; k < g.K; ++k) {
+    g.kdisp[3 * k] = (k / (g.kh * g.kw)) * g.dd;
+    g.kdisp[3 * k + 1] = ((k / g.kw) % g.kh) * g.dh;
+    g.kdisp[3 * k + 2] = (k % g.kw) * g.dw;
+  }
   TORCH_CHECK(offset.size(0) == g.B && offset.size(3) == 3 && offset.size(4) == g.S, "offset shape mismatch");
   return g;
 }
@@ -110,13 +117,12 @@ inline bool trilinear_corners(const Geometry& g, T qd, T qh, T qw, int64_t* row,
   return true;
 }
 
-// Sampling position (before the offset) of kernel point k of output voxel s, per axis.
-inline void base_position(const Geometry& g, int64_t s, int64_t k, int64_t* p) {
+// Window origin of output voxel s per axis; kernel point k samples at origin + kdisp[k] + offset.
+inline void window_origin(const Geometry& g, int64_t s, int64_t* o) {
   const int64_t od = s / (g.Ho * g.Wo), oh = (s / g.Wo) % g.Ho, ow = s % g.Wo;
-  const int64_t ki = k / (g.kh * g.kw), kj = (k / g.kw) % g.kh, kl = k % g.kw;
-  p[0] = od * g.sd - g.pd + ki * g.dd;
-  p[1] = oh * g.sh - g.ph + kj * g.dh;
-  p[2] = ow * g.sw - g.pw + kl * g.dw;
+  o[0] = od * g.sd - g.pd;
+  o[1] = oh * g.sh - g.ph;
+  o[2] = ow * g.sw - g.pw;
 }
 
 template <typename T>
@@ -129,9 +135,11 @@ void columns_kernel(const Geometry& g, const T* x, const T* off, const T* mask, 
     const int64_t s = s0 + i;
     int64_t row[8];
     T w[8];
+    int64_t o3[3];
+    window_origin(g, s, o3);
     for (int64_t k = 0; k < g.K; ++k) {
-      int64_t p[3];
-      base_position(g, s, k, p);
+      const int64_t* kd = &g.kdisp[3 * k];
+      const int64_t p[3] = {o3[0] + kd[0], o3[1] + kd[1], o3[2] + kd[2]};
       for (int64_t gr = 0; gr < g.G; ++gr) {
         T* dst = cols + (i * g.K + k) * g.C + gr * g.Cg;
         std::fill(dst, dst + g.Cg, T(0));
@@ -182,9 +190,11 @@ void backward_kernel(const Geometry& g, const T* x, const T* off, const T* mask,
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < n; ++i) {
       const int64_t s = s0 + i;
+      int64_t o3[3];
+      window_origin(g, s, o3);
       for (int64_t k = 0; k < g.K; ++k) {
-        int64_t p[3];
-        base_position(g, s, k, p);
+        const int64_t* kd = &g.kdisp[3 * k];
+        const int64_t p[3] = {o3[0] + kd[0], o3[1] + kd[1], o3[2] + kd[2]};
         for (int64_t gr = 0; gr < g.G; ++gr) {
           const int64_t e = (i * g.K + k) * g.C + gr * g.Cg;
           const T* gc = gcols + e;
