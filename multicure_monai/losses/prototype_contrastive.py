@@ -162,8 +162,7 @@ class PrototypeContrastiveLoss(nn.Module):
                     f"got {tuple(f.shape)}."
                 )
 
-        # graph-connected zero; mean in float32 so large half-precision features cannot overflow to inf * 0 = NaN
-        total = sum(f.float().mean() for f in feats) * 0.0
+        total: Tensor | None = None
         self.last_num_uncertain = 0
         self.last_level_stats = []
         for level, feat in enumerate(feats):
@@ -172,8 +171,11 @@ class PrototypeContrastiveLoss(nn.Module):
             self.last_level_stats.append(stats)
             self.last_num_uncertain += stats["num_uncertain"]
             if level_loss is not None:
-                total = total + weight * level_loss
+                total = weight * level_loss if total is None else total + weight * level_loss
         self.last_num_prototypes = self.last_level_stats[0]["num_prototypes"]
+        if total is None:
+            # graph-connected zero; mean in float32 so large half-precision features cannot overflow to inf*0 = NaN
+            total = sum(f.float().mean() for f in feats) * 0.0
         return total
 
     def _level_loss(
@@ -191,32 +193,36 @@ class PrototypeContrastiveLoss(nn.Module):
         # (N, E) raw features; only the selected voxels are normalised below (most voxels are never used)
         f = feat.movedim(1, -1).reshape(-1, emb)
 
-        # Prototypes (eq. 4): mean of normalised reliable features per class, vectorised with index_add.
+        # Which voxels are used is decided from the labels alone; their features are then fetched with one
+        # gather (one sparse backward into the feature map instead of one per subset).
         rel_idx = _random_subset(rel.nonzero(as_tuple=False).squeeze(1), self.max_reliable_samples)
         rel_lab = lab[rel_idx]
         counts = torch.bincount(rel_lab, minlength=self.num_classes)  # (K,)
-        rel_feat = F.normalize(f[rel_idx].float(), dim=1)
-        sums = torch.zeros(self.num_classes, emb, device=f.device, dtype=rel_feat.dtype).index_add(0, rel_lab, rel_feat)
         present = counts > 0
         num_protos = int(present.sum())
         stats = {"num_reliable": int(rel_idx.numel()), "num_prototypes": num_protos, "num_uncertain": 0}
         if num_protos < 2:
             return None, stats
-        present_cls = present.nonzero(as_tuple=False).squeeze(1)  # (P,)
-        protos = sums[present_cls] / counts[present_cls].unsqueeze(1).to(sums.dtype)  # (P, E)
-        protos = F.normalize(protos, dim=1, eps=1e-8)  # cosine similarity is scale-free
-
         # Uncertain voxels whose class has a prototype; random subset (eq. 5 "resample candidates").
         unc = unc & present[lab]
         unc_idx = _random_subset(unc.nonzero(as_tuple=False).squeeze(1), self.max_uncertain_samples)
         stats["num_uncertain"] = int(unc_idx.numel())
         if unc_idx.numel() == 0:
             return None, stats
+        rel_feat, unc_feat = F.normalize(f[torch.cat([rel_idx, unc_idx])].float(), dim=1).split(
+            [rel_idx.numel(), unc_idx.numel()]
+        )
+
+        # Prototypes (eq. 4): mean of normalised reliable features per class, vectorised with index_add.
+        sums = torch.zeros(self.num_classes, emb, device=f.device, dtype=rel_feat.dtype).index_add(0, rel_lab, rel_feat)
+        present_cls = present.nonzero(as_tuple=False).squeeze(1)  # (P,)
+        protos = sums[present_cls] / counts[present_cls].unsqueeze(1).to(sums.dtype)  # (P, E)
+        protos = F.normalize(protos, dim=1, eps=1e-8)  # cosine similarity is scale-free
 
         slot = torch.full((self.num_classes,), -1, dtype=torch.long, device=f.device)
         slot[present_cls] = torch.arange(num_protos, device=f.device)
         target = slot[lab[unc_idx]]  # (M,) index into the present prototypes
-        logits = F.normalize(f[unc_idx].float(), dim=1) @ protos.t() / self.temperature  # (M, P)
+        logits = unc_feat @ protos.t() / self.temperature  # (M, P)
         positive = logits.gather(1, target.unsqueeze(1)).squeeze(1)
         if self.denominator == "all":
             log_denominator = torch.logsumexp(logits, dim=1)

@@ -260,8 +260,9 @@ class VNetBase(nn.Module):
         logits = crop_to(self.out_conv(self.out_dropout(decoded[0])), spatial)
         if not return_features:
             return logits
+        # crop, then project: the 1x1x1 projection commutes with the crop and runs on the kept voxels only
         features = [
-            crop_to(proj(decoded[lvl]), level_size(spatial, lvl))
+            proj(crop_to(decoded[lvl], level_size(spatial, lvl)))
             for lvl, proj in zip(self.feature_levels, self.projections)
         ]
         return logits, features
