@@ -21,6 +21,8 @@ import warnings
 from pathlib import Path
 from types import ModuleType
 
+import torch
+
 __all__ = ["EXTENSION_ENV", "SOURCE", "load_cpu_extension"]
 
 #: Environment variable; ``0`` disables the compiled CPU kernels (pure PyTorch fallback).
@@ -47,9 +49,7 @@ def _isa_flags() -> tuple[str, list[str]]:
     The tag is part of the extension name, so a build cached for an AVX2 machine is never loaded on one
     without AVX2 (``TORCH_EXTENSIONS_DIR`` may be shared).
     """
-    import torch
-
-    cap = torch.backends.cpu.get_cpu_capability() if hasattr(torch.backends, "cpu") else "DEFAULT"
+    cap = torch.backends.cpu.get_cpu_capability()
     if platform.machine().lower() in ("x86_64", "amd64") and cap in ("AVX2", "AVX512"):
         return "avx2", ["-mavx2", "-mfma"]
     return "base", []
@@ -65,7 +65,6 @@ def load_cpu_extension() -> ModuleType | None:
     if os.environ.get(EXTENSION_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
         return None
     try:
-        import torch
         from torch.utils.cpp_extension import load
 
         _ensure_ninja_on_path()

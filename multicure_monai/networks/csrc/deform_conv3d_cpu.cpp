@@ -27,10 +27,9 @@ namespace {
 
 struct Geometry {
   int64_t B, C, D, H, W, G, Cg, K;
-  int64_t kd, kh, kw;
-  int64_t sd, sh, sw, pd, ph, pw, dd, dh, dw;
-  int64_t Do, Ho, Wo, S;
-  std::vector<int64_t> kdisp;  // (K, 3) displacement of every kernel point from the window origin
+  int64_t stride[3], padding[3];  // per axis (D, H, W)
+  int64_t Ho, Wo, S;              // output height, width, number of voxels
+  std::vector<int64_t> kdisp;     // (K, 3) displacement of every kernel point from the window origin
 };
 
 Geometry make_geometry(const at::Tensor& x, const at::Tensor& offset, std::vector<int64_t> ksize,
@@ -51,28 +50,21 @@ Geometry make_geometry(const at::Tensor& x, const at::Tensor& offset, std::vecto
   g.K = offset.size(2);
   TORCH_CHECK(g.C % g.G == 0, "channels must be divisible by the offset groups");
   g.Cg = g.C / g.G;
-  g.kd = ksize[0];
-  g.kh = ksize[1];
-  g.kw = ksize[2];
-  TORCH_CHECK(g.kd * g.kh * g.kw == g.K, "kernel size does not match the offset layout");
-  g.sd = stride[0];
-  g.sh = stride[1];
-  g.sw = stride[2];
-  g.pd = padding[0];
-  g.ph = padding[1];
-  g.pw = padding[2];
-  g.dd = dilation[0];
-  g.dh = dilation[1];
-  g.dw = dilation[2];
-  g.Do = out_size[0];
+  TORCH_CHECK(ksize[0] * ksize[1] * ksize[2] == g.K, "kernel size does not match the offset layout");
+  for (int a = 0; a < 3; ++a) {
+    g.stride[a] = stride[a];
+    g.padding[a] = padding[a];
+  }
   g.Ho = out_size[1];
   g.Wo = out_size[2];
-  g.S = g.Do * g.Ho * g.Wo;
+  g.S = out_size[0] * g.Ho * g.Wo;
   g.kdisp.resize(3 * g.K);
-  for (int64_t k = 0; k < g.K; ++k) {
-    g.kdisp[3 * k] = (k / (g.kh * g.kw)) * g.dd;
-    g.kdisp[3 * k + 1] = ((k / g.kw) % g.kh) * g.dh;
-    g.kdisp[3 * k + 2] = (k % g.kw) * g.dw;
+  for (int64_t k = 0; k < g.K; ++k) {  // raster order over (kd, kh, kw): the last axis varies fastest
+    int64_t r = k;
+    for (int a = 2; a >= 0; --a) {
+      g.kdisp[3 * k + a] = (r % ksize[a]) * dilation[a];
+      r /= ksize[a];
+    }
   }
   TORCH_CHECK(offset.size(0) == g.B && offset.size(3) == 3 && offset.size(4) == g.S, "offset shape mismatch");
   return g;
@@ -119,10 +111,8 @@ inline bool trilinear_corners(const Geometry& g, T qd, T qh, T qw, int64_t* row,
 
 // Window origin of output voxel s per axis; kernel point k samples at origin + kdisp[k] + offset.
 inline void window_origin(const Geometry& g, int64_t s, int64_t* o) {
-  const int64_t od = s / (g.Ho * g.Wo), oh = (s / g.Wo) % g.Ho, ow = s % g.Wo;
-  o[0] = od * g.sd - g.pd;
-  o[1] = oh * g.sh - g.ph;
-  o[2] = ow * g.sw - g.pw;
+  const int64_t pos[3] = {s / (g.Ho * g.Wo), (s / g.Wo) % g.Ho, s % g.Wo};
+  for (int a = 0; a < 3; ++a) o[a] = pos[a] * g.stride[a] - g.padding[a];
 }
 
 template <typename T>
