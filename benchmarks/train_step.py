@@ -7,9 +7,17 @@ XOR and prototype contrastive losses, backward and SGD step — exactly what
 ``reference``: the same two networks without MultiCURE and without the contrastive loss (a straightforward
 V-Net + ResNet-34 co-training step, supervised + pseudo-label + XOR losses).
 
-Both run in one process on the same random input, alternating, and the script prints medians, the split
-between forward / losses / backward / step, peak memory (CUDA: ``max_memory_allocated``; CPU: peak RSS growth
-read from ``/proc/self/status``, a coarse upper bound) and the ratio full / reference.
+Both run in one process on the same random input, alternating, and the script prints medians of:
+
+* the split of a step: ``forward_and_losses`` / ``backward`` / ``step`` / ``total``, and inside the forward the
+  time of each network and of each loss (``fwd:`` line);
+* each loss alone, forward + backward, re-run on the exact tensors it got in the step (``loss fwd+bwd:`` line);
+* peak memory (CUDA: ``max_memory_allocated``; CPU: peak RSS read from ``/proc/self/status``, coarse);
+* the ratio full / reference, and a floor for it: the forward + backward time of the dense convolutions the
+  paper's MultiCURE block requires whatever the implementation (3x3x3 and 5x5x5 branches, the 3x3x3 offset
+  convolution, and a plain 3x3x3 convolution standing for the deformable convolution's own product), timed on
+  the block's real input. ``1 + floor / reference`` is the ratio a step would have if everything else the
+  method adds (sampling, norms, attention, contrastive loss) were free.
 
 Examples::
 
@@ -47,6 +55,111 @@ def _peak_rss_mb() -> float:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+class _Timed(torch.nn.Module):
+    """Wraps a network or a loss: accumulates the wall time of its calls and keeps their arguments (``calls``)."""
+
+    def __init__(self, inner: torch.nn.Module, device: torch.device) -> None:
+        super().__init__()
+        self.inner = inner
+        self.device = device
+        self.elapsed = 0.0
+        self.calls: list[tuple[tuple, dict]] = []
+
+    def reset(self) -> None:
+        self.elapsed = 0.0
+        self.calls = []
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls.append((args, kwargs))
+        _sync(self.device)
+        t0 = time.perf_counter()
+        out = self.inner(*args, **kwargs)
+        _sync(self.device)
+        self.elapsed += time.perf_counter() - t0
+        return out
+
+
+_PARTS = {  # report name -> trainer attribute
+    "predictive": "network",
+    "auxiliary": "aux_network",
+    "sup": "loss_function",
+    "pseudo": "pseudo_label_loss",
+    "reg": "regularization_loss",
+    "contrastive": "contrastive_loss",
+}
+_LOSSES = ("sup", "pseudo", "reg", "contrastive")
+
+
+def instrument(trainer: SemiSupervisedTrainer) -> dict[str, _Timed]:
+    """Replace the trainer's networks and losses by timing wrappers (the optimizer keeps the same parameters)."""
+    timed = {}
+    for name, attr in _PARTS.items():
+        inner = getattr(trainer, attr)
+        if inner is not None:
+            timed[name] = _Timed(inner, trainer.state.device)
+            setattr(trainer, attr, timed[name])
+    return timed
+
+
+def _leaf(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return v.detach().clone().requires_grad_(v.requires_grad)
+    if isinstance(v, (list, tuple)):
+        return type(v)(_leaf(e) for e in v)
+    return v
+
+
+def loss_alone(part: _Timed) -> float:
+    """Forward + backward time of a loss re-run on leaf copies of the arguments of all its calls in the step."""
+    calls = [(_leaf(args), _leaf(kwargs)) for args, kwargs in part.calls]
+    part.calls = []
+    _sync(part.device)
+    t0 = time.perf_counter()
+    for args, kwargs in calls:
+        out = part.inner(*args, **kwargs).mean()
+        if out.requires_grad:
+            out.backward()
+    _sync(part.device)
+    return time.perf_counter() - t0
+
+
+def dense_conv_floor(trainer: SemiSupervisedTrainer, x: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Median forward + backward time of each dense convolution of the MultiCURE block, on its step input."""
+    aux = trainer.aux_network.inner if isinstance(trainer.aux_network, _Timed) else trainer.aux_network
+    block = aux.decoder.multicure
+    seen: list[torch.Tensor] = []
+    handle = block.register_forward_pre_hook(lambda _m, a: seen.append(a[0].detach()))
+    with torch.no_grad():
+        aux(x, (x > 0).to(x.dtype))
+    handle.remove()
+    z = seen[0].clone().requires_grad_(True)
+    deform = block.branch_deform[0] if block.deformable else block.branch_deform
+    large = block.branch_large.conv
+    convs = {
+        "3x3x3": block.branch_small.conv,
+        "x".join(str(k) for k in large.kernel_size) + ("" if max(large.dilation) == 1 else "_dilated"): large,
+        "offset": getattr(deform, "conv_offset", None),
+        "deform_product": block.branch_small.conv,  # same shape as the deformable conv's columns x weights
+    }
+    out: dict[str, float] = {}
+    for name, conv in convs.items():
+        if conv is None:
+            continue
+        times = []
+        for _ in range(repeats + 1):
+            z.grad = None
+            _sync(z.device)
+            t0 = time.perf_counter()
+            conv(z).sum().backward()
+            _sync(z.device)
+            times.append(time.perf_counter() - t0)
+        out[name] = statistics.median(times[1:])
+    conv_params = [p for c in convs.values() if c is not None for p in c.parameters()]
+    for p in conv_params:
+        p.grad = None
+    return out
 
 
 def build(full: bool, device: torch.device, channels_last: bool, multicure_level: int = 1) -> SemiSupervisedTrainer:
@@ -116,6 +229,7 @@ def main() -> None:
         "reference": build(False, device, channels_last),
         "full": build(True, device, channels_last, args.multicure_level),
     }
+    timed = {name: instrument(trainer) for name, trainer in trainers.items()}
     results: dict[str, list[dict[str, float]]] = {k: [] for k in trainers}
     peaks: dict[str, float] = {}
     for name, trainer in trainers.items():  # warm-up, and the peak memory of each variant
@@ -123,20 +237,39 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats(device)
         for _ in range(args.warmup):
             one_step(trainer, x, y, n_l, args.amp)
+            for part in timed[name].values():
+                part.reset()
         peaks[name] = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else _peak_rss_mb()
     for _ in range(args.repeats):  # alternate so both see the same machine load
         for name, trainer in trainers.items():
-            results[name].append(one_step(trainer, x, y, n_l, args.amp))
+            for part in timed[name].values():
+                part.reset()
+            row = one_step(trainer, x, y, n_l, args.amp)
+            row.update({f"fwd:{k}": part.elapsed for k, part in timed[name].items()})
+            trainer.optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+                row.update({f"alone:{k}": loss_alone(timed[name][k]) for k in _LOSSES if k in timed[name]})
+            results[name].append(row)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+        floor = dense_conv_floor(trainers["full"], x, args.repeats)
 
     print(f"device={device} roi={tuple(args.roi)} batch={n_l}+{args.unlabelled} channels_last={channels_last} "
           f"amp={args.amp} multicure_level={args.multicure_level} threads={torch.get_num_threads()} repeats={args.repeats}")
     med: dict[str, dict[str, Any]] = {}
+    unit = "MiB allocated" if device.type == "cuda" else "MiB peak RSS (cumulative)"
     for name, rows in results.items():
         med[name] = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-        parts = "  ".join(f"{k}={v:.2f}s" for k, v in med[name].items())
-        unit = "MiB allocated" if device.type == "cuda" else "MiB peak RSS (cumulative)"
-        print(f"{name:>9}: {parts}  peak={peaks[name]:.0f} {unit}")
-    print(f"ratio full/reference (total): {med['full']['total'] / med['reference']['total']:.2f}x")
+        for prefix, label in (("", f"{name:>9}:"), ("fwd:", f"{'fwd:':>10}"), ("alone:", f"{'loss fwd+bwd:':>14}")):
+            keys = [k for k in med[name] if (k.split(":")[0] + ":" if ":" in k else "") == prefix]
+            parts = "  ".join(f"{k[len(prefix):]}={med[name][k]:.3f}s" for k in keys)
+            tail = f"  peak={peaks[name]:.0f} {unit}" if not prefix else ""
+            print(f"{label} {parts}{tail}")
+    ref = med["reference"]["total"]
+    floor_total = sum(floor.values())
+    print("MultiCURE dense convolutions, forward+backward on the block input: "
+          + "  ".join(f"{k}={v:.3f}s" for k, v in floor.items()) + f"  sum={floor_total:.3f}s")
+    print(f"floor of the ratio (reference + those convolutions only): {1 + floor_total / ref:.2f}x")
+    print(f"ratio full/reference (total): {med['full']['total'] / ref:.2f}x")
 
 
 if __name__ == "__main__":

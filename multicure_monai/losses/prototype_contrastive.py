@@ -190,17 +190,25 @@ class PrototypeContrastiveLoss(nn.Module):
         lab = lab.clamp(0, self.num_classes - 1)
 
         emb = feat.shape[1]
-        # (N, E) raw features; only the selected voxels are normalised below (most voxels are never used)
+        # (N, E) raw features (a view of a channels-last map) and the inverse L2 norm of every voxel. Everything
+        # below is dense over the voxels (matrix products with per-voxel weights) rather than gathering the
+        # reliable voxels, which are most of the volume: normalised features are never materialised, and the
+        # backward is a few dense passes instead of a row-by-row scatter.
         f = feat.movedim(1, -1).reshape(-1, emb)
+        f = f.to(torch.promote_types(f.dtype, torch.float32))  # half precision features are summed in float32
+        inv_norm = 1.0 / torch.linalg.vector_norm(f, dim=1).clamp_min(1e-12)  # (N,), as F.normalize
 
-        # Which voxels are used is decided from the labels alone; their features are then fetched with one
-        # gather (one sparse backward into the feature map instead of one per subset).
-        rel_idx = _random_subset(rel.nonzero(as_tuple=False).squeeze(1), self.max_reliable_samples)
-        rel_lab = lab[rel_idx]
-        counts = torch.bincount(rel_lab, minlength=self.num_classes)  # (K,)
+        # Reliable voxels (a random subset when capped) and their class; K marks every other voxel.
+        if self.max_reliable_samples is None:
+            rel_w = rel
+        else:
+            rel_w = torch.zeros_like(rel)
+            rel_w[_random_subset(rel.nonzero(as_tuple=False).squeeze(1), self.max_reliable_samples)] = True
+        rel_lab = torch.where(rel_w, lab, self.num_classes)
+        counts = torch.bincount(rel_lab, minlength=self.num_classes + 1)[: self.num_classes]  # (K,)
         present = counts > 0
         num_protos = int(present.sum())
-        stats = {"num_reliable": int(rel_idx.numel()), "num_prototypes": num_protos, "num_uncertain": 0}
+        stats = {"num_reliable": int(counts.sum()), "num_prototypes": num_protos, "num_uncertain": 0}
         if num_protos < 2:
             return None, stats
         # Uncertain voxels whose class has a prototype; random subset (eq. 5 "resample candidates").
@@ -209,20 +217,19 @@ class PrototypeContrastiveLoss(nn.Module):
         stats["num_uncertain"] = int(unc_idx.numel())
         if unc_idx.numel() == 0:
             return None, stats
-        rel_feat, unc_feat = F.normalize(f[torch.cat([rel_idx, unc_idx])].float(), dim=1).split(
-            [rel_idx.numel(), unc_idx.numel()]
-        )
 
-        # Prototypes (eq. 4): mean of normalised reliable features per class, vectorised with index_add.
-        sums = torch.zeros(self.num_classes, emb, device=f.device, dtype=rel_feat.dtype).index_add(0, rel_lab, rel_feat)
+        # Prototypes (eq. 4): mean of the normalised reliable features per class, sum_v onehot_vk f_v / ||f_v||.
         present_cls = present.nonzero(as_tuple=False).squeeze(1)  # (P,)
-        protos = sums[present_cls] / counts[present_cls].unsqueeze(1).to(sums.dtype)  # (P, E)
+        weights = F.one_hot(rel_lab, self.num_classes + 1)[:, present_cls].to(f.dtype) * inv_norm.unsqueeze(1)
+        protos = (weights.t() @ f) / counts[present_cls].unsqueeze(1).to(f.dtype)  # (P, E)
         protos = F.normalize(protos, dim=1, eps=1e-8)  # cosine similarity is scale-free
 
+        # Cosine similarity of every voxel to every prototype, (N, P); the uncertain rows enter eq. 5.
+        cos_all = (f @ protos.t()) * inv_norm.unsqueeze(1)
         slot = torch.full((self.num_classes,), -1, dtype=torch.long, device=f.device)
         slot[present_cls] = torch.arange(num_protos, device=f.device)
         target = slot[lab[unc_idx]]  # (M,) index into the present prototypes
-        logits = unc_feat @ protos.t() / self.temperature  # (M, P)
+        logits = cos_all[unc_idx] / self.temperature  # (M, P)
         positive = logits.gather(1, target.unsqueeze(1)).squeeze(1)
         if self.denominator == "all":
             log_denominator = torch.logsumexp(logits, dim=1)

@@ -82,6 +82,61 @@ def test_separation_term_penalises_close_prototypes() -> None:
     assert sep_close == pytest.approx((1 + 1 / math.sqrt(1.01)) / 2, abs=1e-6)
 
 
+def _loop_reference(feats, labels, reliable, uncertain, num_classes, denominator, separation_weight):
+    """Eqs. 4-5 written voxel by voxel with Python loops (one level, no caps): the definition the loss vectorises."""
+    emb = feats.shape[1]
+    f = feats.movedim(1, -1).reshape(-1, emb)
+    lab, rel, unc = labels.flatten().tolist(), reliable.flatten().tolist(), uncertain.flatten().tolist()
+    protos = {}
+    for k in range(num_classes):
+        rows = [f[v] / f[v].norm().clamp_min(1e-12) for v in range(len(lab)) if rel[v] and lab[v] == k]
+        if rows:
+            mean = torch.stack(rows).mean(dim=0)
+            protos[k] = mean / mean.norm().clamp_min(1e-8)
+    classes = sorted(protos)
+    per_class = []
+    for k in classes:
+        terms = []
+        for v in range(len(lab)):
+            if not (unc[v] and lab[v] == k):
+                continue
+            q = f[v] / f[v].norm().clamp_min(1e-12)
+            s = {j: torch.dot(q, protos[j]) / TAU for j in classes}
+            negatives = [s[j] for j in classes if denominator == "all" or j != k]
+            terms.append(torch.logsumexp(torch.stack(negatives), dim=0) - s[k])
+        if terms:
+            per_class.append(torch.stack(terms).mean())
+    pairs = [(1 + torch.dot(protos[a], protos[b])) / 2 for i, a in enumerate(classes) for b in classes[i + 1 :]]
+    return torch.stack(per_class).mean() + separation_weight * torch.stack(pairs).mean()
+
+
+@pytest.mark.parametrize("denominator", ["all", "negatives"])
+@pytest.mark.parametrize("num_classes", [2, 3])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_matches_voxel_loop_reference_values_and_gradients(denominator: str, num_classes: int, channels_last: bool):
+    _, labels, reliable, uncertain, feats = _clustered(num_classes, emb=4, size=3, seed=num_classes)
+    feats = feats.double()
+    if channels_last:
+        feats = feats.contiguous(memory_format=torch.channels_last_3d)
+    a = feats.clone().requires_grad_(True)
+    b = feats.clone().requires_grad_(True)
+    loss_fn = PrototypeContrastiveLoss(num_classes, TAU, None, separation_weight=0.7, denominator=denominator)
+    got = loss_fn(a, labels, reliable, uncertain)
+    want = _loop_reference(b, labels, reliable, uncertain, num_classes, denominator, 0.7)
+    got.backward()
+    want.backward()
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-10)
+
+
+def test_gradcheck() -> None:
+    _, labels, reliable, uncertain, feats = _clustered(3, emb=3, size=2, seed=1)
+    loss_fn = PrototypeContrastiveLoss(3, TAU, None)
+    feats = feats.double().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda f: loss_fn(f, labels, reliable, uncertain), (feats,))
+
+
 @pytest.mark.parametrize("separation_weight", [0.0, 1.0])
 @pytest.mark.parametrize("denominator", ["all", "negatives"])
 def test_gradients_reach_uncertain_and_reliable_features(separation_weight: float, denominator: str) -> None:
