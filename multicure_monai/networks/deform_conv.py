@@ -191,6 +191,12 @@ def _scatter_rows(gtable: torch.Tensor, idx0: torch.Tensor, corner_off: torch.Te
             gtable.index_add_(0, uniq + corner_off[c], out[c])
 
 
+def _is_channels_last(t: torch.Tensor) -> bool:
+    """Whether a ``(B, C, D, H, W)`` tensor is laid out channels-last (``torch.channels_last_3d``) but not
+    (also) contiguous, i.e. whether its ``(B, D, H, W, C)`` permutation is the contiguous one."""
+    return t.dim() == 5 and not t.is_contiguous() and t.permute(0, 2, 3, 4, 1).is_contiguous()
+
+
 def _weight_matrix(weight: torch.Tensor, groups: int, K: int) -> torch.Tensor:
     """(C_out, C_in/g, kd, kh, kw) -> (g, K*C_in/g, C_out/g), row index k*C_in/g + c."""
     cout, cin_g = weight.shape[:2]
@@ -252,7 +258,9 @@ class _DeformConv3dFunction(torch.autograd.Function):
                 table = _padded_table(x, og)
             else:
                 x_cl, offv, maskv = x.permute(0, 2, 3, 4, 1).contiguous(), offv.contiguous(), _contig(maskv)
-            out = x.new_empty(geo.B, cout, geo.S)
+            # the output takes the input's memory format: channels-last rows (n, C_out) are what the GEMM yields
+            channels_last = _is_channels_last(x)
+            out = x.new_empty(geo.B, geo.S, cout) if channels_last else x.new_empty(geo.B, cout, geo.S)
             for b, s0, s1 in _chunks(geo, chunk):
                 if ext is None:
                     off_c = offv[b, ..., s0:s1].permute(3, 1, 0, 2)  # (n, K, og, 3)
@@ -266,9 +274,14 @@ class _DeformConv3dFunction(torch.autograd.Function):
                 res = res.permute(1, 0, 2).reshape(s1 - s0, cout)
                 if bias is not None:
                     res = res + bias
-                out[b, :, s0:s1].copy_(res.t())
+                if channels_last:
+                    out[b, s0:s1].copy_(res)
+                else:
+                    out[b, :, s0:s1].copy_(res.t())
         ctx.save_for_backward(x, offset, weight, mask)
         ctx.conf = (stride, padding, dilation, groups, og, out_sz, chunk, bias is not None, ext)
+        if channels_last:
+            return out.view(geo.B, *out_sz, cout).permute(0, 4, 1, 2, 3)
         return out.view(geo.B, cout, *out_sz)
 
     @staticmethod
@@ -284,7 +297,11 @@ class _DeformConv3dFunction(torch.autograd.Function):
             wm = _weight_matrix(weight, groups, K)
             offv = offset.reshape(geo.B, og, K, 3, geo.S)
             maskv = None if mask is None else mask.reshape(geo.B, og, K, geo.S)
-            gout = grad_out.reshape(geo.B, cout, geo.S)
+            grad_cl = _is_channels_last(grad_out)  # rows (n, C_out) of a channels-last gradient are views
+            if grad_cl:
+                gout = grad_out.permute(0, 2, 3, 4, 1).reshape(geo.B, geo.S, cout)
+            else:
+                gout = grad_out.reshape(geo.B, cout, geo.S)
             g_off = offset.new_zeros(geo.B, og, K, 3, geo.S) if need_off else None
             g_mask = mask.new_zeros(geo.B, og, K, geo.S) if (need_m and mask is not None) else None
             g_wm = torch.zeros_like(wm) if need_w else None
@@ -296,7 +313,10 @@ class _DeformConv3dFunction(torch.autograd.Function):
                 g_x_cl = torch.zeros_like(x_cl) if need_x else None
             for b, s0, s1 in _chunks(geo, chunk):
                 n = s1 - s0
-                g_g = gout[b, :, s0:s1].reshape(groups, cout // groups, n).transpose(1, 2)  # (g, n, C_out/g)
+                if grad_cl:
+                    g_g = gout[b, s0:s1].reshape(n, groups, cout // groups).transpose(0, 1)  # (g, n, C_out/g)
+                else:
+                    g_g = gout[b, :, s0:s1].reshape(groups, cout // groups, n).transpose(1, 2)
                 gcols = _ungroup_cols(torch.bmm(g_g, wm.transpose(1, 2)), K)  # (n, K*C_in)
                 if ext is not None:
                     cols = ext.backward(
@@ -339,7 +359,7 @@ class _DeformConv3dFunction(torch.autograd.Function):
                 cin_g = weight.shape[1]
                 grad_w = g_wm.view(groups, K, cin_g, cout // groups).permute(0, 3, 2, 1).reshape(weight.shape)
             if need_b and has_bias:
-                grad_b = gout.sum((0, 2))
+                grad_b = gout.sum((0, 1) if grad_cl else (0, 2))
             grad_off = g_off.view(offset.shape) if need_off else None
             grad_m = g_mask.view(mask.shape) if g_mask is not None else None
         return grad_x, grad_off, grad_w, grad_b, grad_m, None, None, None, None, None, None, None, None

@@ -180,8 +180,8 @@ class MultiCURE(nn.Module):
                 )
             u3 = u3 + resize_uncertainty_map(uncertainty.to(dtype=u3.dtype, device=u3.device), u3.shape[2:])
         branches = (u1, u2, u3)
-        q = torch.cat(branches, dim=1)  # (B, 3d, *spatial)
-        s = q.flatten(2).mean(dim=2)  # global average pooling -> (B, 3d)
+        # global average pooling of q = [u1 || u2 || u3], per branch: q itself is never materialised
+        s = torch.cat([u.flatten(2).mean(dim=2) for u in branches], dim=1)  # (B, 3d)
         k = self.squeeze(s)  # (B, hidden)
         logits = torch.stack([fc(k) for fc in self.excite], dim=1)  # (B, 3, d)
         attn = torch.softmax(logits, dim=1)
