@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .buffer_sync import BufferSyncHandler, broadcast_buffers
 from .checkpoint import AtomicCheckpointSaver, ResumeCheckpointLoader, SafeCheckpointLoader, safe_load
 from .determinism import EpochSeedHandler
 from .progress_bar import ProgressBar
@@ -9,11 +10,13 @@ from .semi_supervised_trainer import LOSS_TERMS, SemiSupervisedTrainer
 
 __all__ = [
     "AtomicCheckpointSaver",
+    "BufferSyncHandler",
     "EpochSeedHandler",
     "LOSS_TERMS",
     "ProgressBar",
     "ResumeCheckpointLoader",
     "SafeCheckpointLoader",
     "SemiSupervisedTrainer",
+    "broadcast_buffers",
     "safe_load",
 ]
