@@ -19,7 +19,8 @@ Peak memory:
       runtime and the inputs. Allocator caching makes it a comparable, not exact, measure.
 
 Variants: ``conv`` (nn.Conv3d); ``DeformConv3d`` of this package with ``gather`` (pure PyTorch, chunked) and, on
-CPU, ``compiled`` (the same chunking with the fused C++ sampling kernels; the CPU default); optionally
+CPU, ``compiled`` (the C++ kernels, the CPU default: sampling and weight products fused block by block for one
+weight group, the same chunking as ``gather`` with C++ sampling otherwise); optionally
 ``grid_sample`` (one ``F.grid_sample`` into a (B, C, K*D, H, W) tensor, then one GEMM; the CUDA default).
 Timings alternate between the variants (round robin), so a change in machine load hits all of them alike.
 """

@@ -54,6 +54,8 @@ __all__ = ["deform_conv3d", "DeformConv3d", "DeformConv3dPack", "DEFAULT_MEMORY_
 
 #: Default working-memory budget in bytes for one chunk of output voxels (forward or backward).
 DEFAULT_MEMORY_BUDGET: int = 96 * 2**20
+#: output voxels per block of the fused compiled CPU kernels (their columns, K*C_in values each, stay in cache)
+FUSED_BLOCK: int = 64
 
 #: Accepted values of ``implementation``.
 IMPLEMENTATIONS: tuple[str, ...] = ("auto", "gather", "grid_sample", "compiled")
@@ -244,7 +246,10 @@ def _contig(t: torch.Tensor | None) -> torch.Tensor | None:
 
 class _DeformConv3dFunction(torch.autograd.Function):
     """Chunked deformable convolution. The sampling runs in the compiled CPU kernels when ``ext`` is given,
-    else in the pure PyTorch gather / scatter code above; chunk loop, GEMMs and grouping are shared."""
+    else in the pure PyTorch gather / scatter code above; chunk loop, GEMMs and grouping are shared. With the
+    compiled kernels and one weight group the whole convolution runs in them instead (``fused_forward`` /
+    ``fused_backward``): blocks of ``min(chunk, FUSED_BLOCK)`` output voxels are sampled and multiplied by the
+    weights while their columns are still in cache, so the columns never go through main memory."""
 
     @staticmethod
     def forward(ctx, x, offset, weight, bias, mask, stride, padding, dilation, groups, og, out_sz, chunk, ext):
@@ -260,8 +265,13 @@ class _DeformConv3dFunction(torch.autograd.Function):
                 x_cl, offv, maskv = x.permute(0, 2, 3, 4, 1).contiguous(), offv.contiguous(), _contig(maskv)
             # the output takes the input's memory format: channels-last rows (n, C_out) are what the GEMM yields
             channels_last = _is_channels_last(x)
-            out = x.new_empty(geo.B, geo.S, cout) if channels_last else x.new_empty(geo.B, cout, geo.S)
-            for b, s0, s1 in _chunks(geo, chunk):
+            fused = ext is not None and groups == 1
+            out = x.new_empty(geo.B, geo.S, cout) if channels_last or fused else x.new_empty(geo.B, cout, geo.S)
+            if fused:
+                ext.fused_forward(x_cl, offv, maskv, wm[0].contiguous(), *_ext_args(geo), out, min(chunk, FUSED_BLOCK))
+                if bias is not None:
+                    out += bias
+            for b, s0, s1 in () if fused else _chunks(geo, chunk):
                 if ext is None:
                     off_c = offv[b, ..., s0:s1].permute(3, 1, 0, 2)  # (n, K, og, 3)
                     idx, w, _ = _chunk_setup(geo, b, s0, s1, off_c, derivs=False)
@@ -282,6 +292,8 @@ class _DeformConv3dFunction(torch.autograd.Function):
         ctx.conf = (stride, padding, dilation, groups, og, out_sz, chunk, bias is not None, ext)
         if channels_last:
             return out.view(geo.B, *out_sz, cout).permute(0, 4, 1, 2, 3)
+        if fused:  # channels-first input: channels-first output, as nn.Conv3d
+            return out.view(geo.B, *out_sz, cout).permute(0, 4, 1, 2, 3).contiguous()
         return out.view(geo.B, cout, *out_sz)
 
     @staticmethod
@@ -304,14 +316,22 @@ class _DeformConv3dFunction(torch.autograd.Function):
                 gout = grad_out.reshape(geo.B, cout, geo.S)
             g_off = offset.new_zeros(geo.B, og, K, 3, geo.S) if need_off else None
             g_mask = mask.new_zeros(geo.B, og, K, geo.S) if (need_m and mask is not None) else None
-            g_wm = torch.zeros_like(wm) if need_w else None
+            g_wm = wm.new_zeros(wm.shape) if need_w else None
             if ext is None:
                 table = _padded_table(x, og)
                 g_table = torch.zeros_like(table) if need_x else None
             else:
                 x_cl, offv, maskv = x.permute(0, 2, 3, 4, 1).contiguous(), offv.contiguous(), _contig(maskv)
                 g_x_cl = torch.zeros_like(x_cl) if need_x else None
-            for b, s0, s1 in _chunks(geo, chunk):
+            fused = ext is not None and groups == 1
+            if fused:
+                rows = gout if grad_cl else grad_out.permute(0, 2, 3, 4, 1).reshape(geo.B, geo.S, cout)
+                ext.fused_backward(
+                    x_cl, offv, maskv, wm[0].t().contiguous(), rows.contiguous(), *_ext_args(geo), g_x_cl, g_off,
+                    g_mask, g_wm[0] if need_w else None, min(chunk, FUSED_BLOCK),
+                )
+                gout, grad_cl = rows, True  # for the bias gradient
+            for b, s0, s1 in () if fused else _chunks(geo, chunk):
                 n = s1 - s0
                 if grad_cl:
                     g_g = gout[b, s0:s1].reshape(n, groups, cout // groups).transpose(0, 1)  # (g, n, C_out/g)

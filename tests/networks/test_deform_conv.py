@@ -187,25 +187,26 @@ def test_chunked_equals_unchunked(modulated, scale, impl):
 
 @pytest.mark.parametrize("x_cl, grad_cl", [(True, True), (True, False), (False, True)])
 @pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("impl", CPU_IMPLS)
-def test_channels_last_matches_contiguous(x_cl, grad_cl, bias, impl):
+def test_channels_last_matches_contiguous(x_cl, grad_cl, bias, groups, impl):
     """A channels-last input gives a channels-last output; values and all gradients equal the contiguous run's,
-    whatever the layout of the incoming gradient."""
+    whatever the layout of the incoming gradient and of the weight (``module.to(memory_format=...)``)."""
     torch.manual_seed(6)
     cl = torch.channels_last_3d
     x = torch.randn(2, 4, 5, 6, 7, dtype=DT)
-    w = torch.randn(6, 2, 3, 3, 3, dtype=DT, requires_grad=True)
-    b = torch.randn(6, dtype=DT, requires_grad=True) if bias else None
+    w = torch.randn(groups * 3, 4 // groups, 3, 3, 3, dtype=DT)
+    b = torch.randn(groups * 3, dtype=DT, requires_grad=True) if bias else None
     off = (1.5 * torch.randn(2, 81, 5, 6, 7, dtype=DT)).contiguous(memory_format=cl).requires_grad_()
-    g = torch.randn(2, 6, 5, 6, 7, dtype=DT)
-    leaves = [w, off] + ([b] if bias else [])
+    g = torch.randn(2, groups * 3, 5, 6, 7, dtype=DT)
     runs = []
     x2 = x.contiguous(memory_format=cl) if x_cl else x
     g2 = g.contiguous(memory_format=cl) if grad_cl else g
-    for xin, gin in ((x, g), (x2, g2)):
-        xin = xin.clone().requires_grad_()
-        y = deform_conv3d(xin, off, w, b, 1, 1, 1, chunk_size=37, implementation=impl)  # groups=2
-        runs.append((y, *torch.autograd.grad(y, [xin, *leaves], gin)))
+    w2 = w.contiguous(memory_format=cl) if x_cl else w
+    for xin, win, gin in ((x, w, g), (x2, w2, g2)):
+        xin, win = xin.clone().requires_grad_(), win.clone().requires_grad_()
+        y = deform_conv3d(xin, off, win, b, 1, 1, 1, chunk_size=37, implementation=impl)
+        runs.append((y, *torch.autograd.grad(y, [xin, win, off] + ([b] if bias else []), gin)))
     y_cl = runs[1][0]
     assert y_cl.is_contiguous(memory_format=cl) == x_cl
     for a, c in zip(runs[0], runs[1]):

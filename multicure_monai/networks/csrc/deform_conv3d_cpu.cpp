@@ -1,10 +1,16 @@
-// Fused CPU sampling kernels of the 3D deformable convolution (multicure_monai.networks.deform_conv).
+// Fused CPU kernels of the 3D deformable convolution (multicure_monai.networks.deform_conv).
 //
-// The Python side keeps the chunk loop, the GEMMs and autograd; these kernels replace the per-chunk
-// trilinear gather (forward) and the gather / scatter / coordinate-gradient passes (backward) of the pure
-// PyTorch "gather" implementation with one loop nest each, parallel over output voxels (OpenMP, the runtime
-// PyTorch itself uses). They compute exactly the same function: zero padding, a sample whose coordinate lies
-// outside (-1, size) on any axis reads zero, every corner outside the volume contributes zero.
+// Two entry points per direction:
+//  * columns / backward: one chunk of output voxels; the Python side keeps the chunk loop, the GEMMs and the
+//    weight groups. They replace the per-chunk trilinear gather (forward) and the gather / scatter /
+//    coordinate-gradient passes (backward) of the pure PyTorch "gather" implementation.
+//  * fused_forward / fused_backward (one weight group): the whole convolution. Each thread takes blocks of
+//    output voxels, samples a block's columns into a private buffer that stays in its cache and multiplies them
+//    by the weights there (single-threaded at::mm inside the parallel region), so the columns, K*C values per
+//    output voxel, never travel through main memory.
+// Parallel over output voxels with OpenMP, the runtime PyTorch itself uses. Both compute exactly the function
+// of the gather path: zero padding, a sample whose coordinate lies outside (-1, size) on any axis reads zero,
+// every corner outside the volume contributes zero.
 //
 // Layouts (all contiguous):
 //   x      (B, D, H, W, C)        input, channels last
@@ -115,43 +121,133 @@ inline void window_origin(const Geometry& g, int64_t s, int64_t* o) {
   for (int a = 0; a < 3; ++a) o[a] = pos[a] * g.stride[a] - g.padding[a];
 }
 
+// Sampled (and modulated) columns (K, C) of output voxel s of batch item b, written to dst.
 template <typename T>
-void columns_kernel(const Geometry& g, const T* x, const T* off, const T* mask, int64_t b, int64_t s0, int64_t s1,
-                    T* cols) {
-  const int64_t n = s1 - s0;
-  const T* xb = x + b * g.D * g.H * g.W * g.C;
-#pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t s = s0 + i;
-    int64_t row[8];
-    T w[8];
-    int64_t o3[3];
-    window_origin(g, s, o3);
-    for (int64_t k = 0; k < g.K; ++k) {
-      const int64_t* kd = &g.kdisp[3 * k];
-      const int64_t p[3] = {o3[0] + kd[0], o3[1] + kd[1], o3[2] + kd[2]};
-      for (int64_t gr = 0; gr < g.G; ++gr) {
-        T* dst = cols + (i * g.K + k) * g.C + gr * g.Cg;
-        std::fill(dst, dst + g.Cg, T(0));
-        const T* o = off + (((b * g.G + gr) * g.K + k) * 3) * g.S + s;
-        if (!trilinear_corners<T>(g, T(p[0]) + o[0], T(p[1]) + o[g.S], T(p[2]) + o[2 * g.S], row, w,
-                                  (T*)nullptr, (T*)nullptr, (T*)nullptr))
-          continue;
-        const T m = mask == nullptr ? T(1) : mask[((b * g.G + gr) * g.K + k) * g.S + s];
-        for (int c = 0; c < 8; ++c) {
-          if (row[c] < 0) continue;
-          const T wc = w[c] * m;
-          const T* src = xb + row[c] * g.C + gr * g.Cg;
+inline void sample_voxel(const Geometry& g, const T* xb, const T* off, const T* mask, int64_t b, int64_t s, T* dst) {
+  int64_t row[8];
+  T w[8];
+  int64_t o3[3];
+  window_origin(g, s, o3);
+  for (int64_t k = 0; k < g.K; ++k) {
+    const int64_t* kd = &g.kdisp[3 * k];
+    const int64_t p[3] = {o3[0] + kd[0], o3[1] + kd[1], o3[2] + kd[2]};
+    for (int64_t gr = 0; gr < g.G; ++gr) {
+      T* d = dst + k * g.C + gr * g.Cg;
+      std::fill(d, d + g.Cg, T(0));
+      const T* o = off + (((b * g.G + gr) * g.K + k) * 3) * g.S + s;
+      if (!trilinear_corners<T>(g, T(p[0]) + o[0], T(p[1]) + o[g.S], T(p[2]) + o[2 * g.S], row, w, (T*)nullptr,
+                                (T*)nullptr, (T*)nullptr))
+        continue;
+      const T m = mask == nullptr ? T(1) : mask[((b * g.G + gr) * g.K + k) * g.S + s];
+      for (int c = 0; c < 8; ++c) {
+        if (row[c] < 0) continue;
+        const T wc = w[c] * m;
+        const T* src = xb + row[c] * g.C + gr * g.Cg;
 #pragma omp simd
-          for (int64_t ch = 0; ch < g.Cg; ++ch) dst[ch] += wc * src[ch];
-        }
+        for (int64_t ch = 0; ch < g.Cg; ++ch) d[ch] += wc * src[ch];
       }
     }
   }
 }
 
-// GX: accumulate the input gradient; GOFF: offset gradient; VAL: the sampled values (for the columns or the
-// mask gradient). One sweep over the 8 corners of every sample reads each input row once for all three.
+template <typename T>
+void columns_kernel(const Geometry& g, const T* x, const T* off, const T* mask, int64_t b, int64_t s0, int64_t s1,
+                    T* cols) {
+  const T* xb = x + b * g.D * g.H * g.W * g.C;
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < s1 - s0; ++i) sample_voxel<T>(g, xb, off, mask, b, s0 + i, cols + i * g.K * g.C);
+}
+
+// Backward of output voxel s of batch item b, given the gradient gc (K, C) of its columns. GX: accumulate the
+// input gradient into gxb (this batch item's rows); GOFF: write the offset gradient; VAL: compute the sampled
+// values (for the columns, written to cols (K, C) when not null, or for the mask gradient). One sweep over the
+// 8 corners of every sample reads each input row once for all three. val: scratch of Cg entries.
+template <typename T, bool GX, bool GOFF, bool VAL>
+inline void backward_voxel(const Geometry& g, const T* xb, const T* off, const T* mask, const T* gc_voxel, int64_t b,
+                           int64_t s, T* cols, T* gxb, T* goff, T* gmask, T* val) {
+  int64_t row[8];
+  T w[8], wd[8], wh[8], ww[8];
+  int64_t o3[3];
+  window_origin(g, s, o3);
+  for (int64_t k = 0; k < g.K; ++k) {
+    const int64_t* kd = &g.kdisp[3 * k];
+    const int64_t p[3] = {o3[0] + kd[0], o3[1] + kd[1], o3[2] + kd[2]};
+    for (int64_t gr = 0; gr < g.G; ++gr) {
+      const int64_t e = k * g.C + gr * g.Cg;
+      const T* gc = gc_voxel + e;
+      const int64_t oi = (((b * g.G + gr) * g.K + k) * 3) * g.S + s;
+      const int64_t mi = ((b * g.G + gr) * g.K + k) * g.S + s;
+      const T* o = off + oi;
+      const bool inside = trilinear_corners<T>(g, T(p[0]) + o[0], T(p[1]) + o[g.S], T(p[2]) + o[2 * g.S], row, w,
+                                               GOFF ? wd : nullptr, wh, ww);
+      const T m = mask == nullptr ? T(1) : mask[mi];
+      T gq[3] = {T(0), T(0), T(0)};
+      if (VAL) std::fill(val, val + g.Cg, T(0));
+      if (inside) {
+        for (int c = 0; c < 8; ++c) {
+          if (row[c] < 0) continue;
+          const T* src = xb + row[c] * g.C + gr * g.Cg;
+          T* dst = GX ? gxb + row[c] * g.C + gr * g.Cg : nullptr;
+          const T wc = w[c], wm = wc * m;
+          T dot = T(0);
+#pragma omp simd reduction(+ : dot)
+          for (int64_t ch = 0; ch < g.Cg; ++ch) {
+            const T sv = src[ch], gv = gc[ch];
+            if constexpr (GOFF) dot += sv * gv;
+            if constexpr (VAL) val[ch] += wc * sv;
+            if constexpr (GX) dst[ch] += wm * gv;
+          }
+          if constexpr (GOFF) {
+            gq[0] += wd[c] * dot;
+            gq[1] += wh[c] * dot;
+            gq[2] += ww[c] * dot;
+          }
+        }
+      }
+      if (goff != nullptr) {
+        goff[oi] = gq[0] * m;
+        goff[oi + g.S] = gq[1] * m;
+        goff[oi + 2 * g.S] = gq[2] * m;
+      }
+      if (gmask != nullptr) {
+        T dot = T(0);
+        for (int64_t ch = 0; ch < g.Cg; ++ch) dot += val[ch] * gc[ch];
+        gmask[mi] = dot;
+      }
+      if (cols != nullptr) {
+        T* dst = cols + e;
+        for (int64_t ch = 0; ch < g.Cg; ++ch) dst[ch] = val[ch] * m;
+      }
+    }
+  }
+}
+
+// Input-gradient scatter without atomics: thread 0 accumulates into gx itself, every other thread into its own
+// zeroed copy of `count` entries; add_private_copies() sums them into gx, each thread a slice (call it after a
+// barrier, from every thread of the region).
+template <typename T>
+struct PrivateGrad {
+  T* gx;
+  int64_t count;
+  std::vector<std::vector<T>> copies;
+  PrivateGrad(T* gx_, int64_t count_, int nt) : gx(gx_), count(count_), copies(gx_ == nullptr ? 0 : nt) {}
+  T* mine(int tid) {
+    if (gx == nullptr) return nullptr;
+    if (tid == 0) return gx;
+    copies[tid].assign(count, T(0));
+    return copies[tid].data();
+  }
+  void add_private_copies(int tid, int nt) {
+    if (gx == nullptr) return;
+    const int64_t per = (count + nt - 1) / nt;
+    const int64_t lo = std::min<int64_t>(count, tid * per), hi = std::min<int64_t>(count, lo + per);
+    for (int t = 1; t < nt; ++t) {
+      const T* src = copies[t].data();
+      for (int64_t j = lo; j < hi; ++j) gx[j] += src[j];
+    }
+  }
+};
+
 template <typename T, bool GX, bool GOFF, bool VAL>
 void backward_kernel(const Geometry& g, const T* x, const T* off, const T* mask, const T* gcols, int64_t b,
                      int64_t s0, int64_t s1, T* cols, T* gx, T* goff, T* gmask) {
@@ -159,94 +255,90 @@ void backward_kernel(const Geometry& g, const T* x, const T* off, const T* mask,
   const int64_t rows = g.D * g.H * g.W;
   const T* xb = x + b * rows * g.C;
   const int nt = std::max(1, std::min<int>(omp_get_max_threads(), static_cast<int>(n)));
-  // thread 0 scatters into the input gradient itself, every other thread into its own zeroed copy (no
-  // atomics); the copies are added at the end
-  std::vector<std::vector<T>> priv(gx == nullptr ? 0 : nt);
+  PrivateGrad<T> pg(gx == nullptr ? nullptr : gx + b * rows * g.C, rows * g.C, nt);
 #pragma omp parallel num_threads(nt)
   {
     const int tid = omp_get_thread_num();
-    T* gxb = nullptr;
-    if (gx != nullptr) {
-      if (tid == 0) {
-        gxb = gx + b * rows * g.C;
-      } else {
-        priv[tid].assign(rows * g.C, T(0));
-        gxb = priv[tid].data();
-      }
-    }
+    T* gxb = pg.mine(tid);
     std::vector<T> val(g.Cg);
-    int64_t row[8];
-    T w[8], wd[8], wh[8], ww[8];
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < n; ++i) {
-      const int64_t s = s0 + i;
-      int64_t o3[3];
-      window_origin(g, s, o3);
-      for (int64_t k = 0; k < g.K; ++k) {
-        const int64_t* kd = &g.kdisp[3 * k];
-        const int64_t p[3] = {o3[0] + kd[0], o3[1] + kd[1], o3[2] + kd[2]};
-        for (int64_t gr = 0; gr < g.G; ++gr) {
-          const int64_t e = (i * g.K + k) * g.C + gr * g.Cg;
-          const T* gc = gcols + e;
-          const int64_t oi = (((b * g.G + gr) * g.K + k) * 3) * g.S + s;
-          const int64_t mi = ((b * g.G + gr) * g.K + k) * g.S + s;
-          const T* o = off + oi;
-          const bool inside = trilinear_corners<T>(g, T(p[0]) + o[0], T(p[1]) + o[g.S], T(p[2]) + o[2 * g.S],
-                                                   row, w, GOFF ? wd : nullptr, wh, ww);
-          const T m = mask == nullptr ? T(1) : mask[mi];
-          T gq[3] = {T(0), T(0), T(0)};
-          T* vv = val.data();
-          if (VAL) std::fill(val.begin(), val.end(), T(0));
-          if (inside) {
-            for (int c = 0; c < 8; ++c) {
-              if (row[c] < 0) continue;
-              const T* src = xb + row[c] * g.C + gr * g.Cg;
-              T* dst = GX ? gxb + row[c] * g.C + gr * g.Cg : nullptr;
-              const T wc = w[c], wm = wc * m;
-              T dot = T(0);
-#pragma omp simd reduction(+ : dot)
-              for (int64_t ch = 0; ch < g.Cg; ++ch) {
-                const T sv = src[ch], gv = gc[ch];
-                if constexpr (GOFF) dot += sv * gv;
-                if constexpr (VAL) vv[ch] += wc * sv;
-                if constexpr (GX) dst[ch] += wm * gv;
-              }
-              if constexpr (GOFF) {
-                gq[0] += wd[c] * dot;
-                gq[1] += wh[c] * dot;
-                gq[2] += ww[c] * dot;
-              }
-            }
-          }
-          if (goff != nullptr) {
-            goff[oi] = gq[0] * m;
-            goff[oi + g.S] = gq[1] * m;
-            goff[oi + 2 * g.S] = gq[2] * m;
-          }
-          if (gmask != nullptr) {
-            T dot = T(0);
-            for (int64_t ch = 0; ch < g.Cg; ++ch) dot += val[ch] * gc[ch];
-            gmask[mi] = dot;
-          }
-          if (cols != nullptr) {
-            T* dst = cols + e;
-            for (int64_t ch = 0; ch < g.Cg; ++ch) dst[ch] = val[ch] * m;
-          }
-        }
-      }
+      const int64_t e = i * g.K * g.C;
+      backward_voxel<T, GX, GOFF, VAL>(g, xb, off, mask, gcols + e, b, s0 + i, cols == nullptr ? nullptr : cols + e,
+                                       gxb, goff, gmask, val.data());
     }
-    if (gx != nullptr) {
 #pragma omp barrier
-      // sum the private copies, each thread a slice of the rows
-      T* out = gx + b * rows * g.C;
-      const int64_t total = rows * g.C;
-      const int64_t per = (total + nt - 1) / nt;
-      const int64_t lo = std::min<int64_t>(total, tid * per), hi = std::min<int64_t>(total, lo + per);
-      for (int t = 1; t < nt; ++t) {
-        const T* src = priv[t].data();
-        for (int64_t j = lo; j < hi; ++j) out[j] += src[j];
+    pg.add_private_copies(tid, nt);
+  }
+}
+
+// Fused forward for one weight group: the output rows (B, S, C_out) are the sampled columns times wm
+// (K*C, C_out), computed block by block (block output voxels per step) so that a block's columns stay in the
+// thread's cache; the products run single-threaded inside the parallel region.
+template <typename T>
+void fused_forward_kernel(const Geometry& g, const T* x, const T* off, const T* mask, const at::Tensor& wm, T* out,
+                          int64_t block) {
+  const int64_t KC = g.K * g.C, cout = wm.size(1);
+  const int64_t per_item = (g.S + block - 1) / block, total = g.B * per_item;
+  const int64_t rows = g.D * g.H * g.W;
+#pragma omp parallel
+  {
+    at::NoGradGuard no_grad;  // grad mode is per thread: the workers' products must not see autograd either
+    std::vector<T> buf(block * KC);
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < total; ++t) {
+      const int64_t b = t / per_item, s0 = (t % per_item) * block, n = std::min(g.S, s0 + block) - s0;
+      const T* xb = x + b * rows * g.C;
+      for (int64_t i = 0; i < n; ++i) sample_voxel<T>(g, xb, off, mask, b, s0 + i, buf.data() + i * KC);
+      at::Tensor cols = at::from_blob(buf.data(), {n, KC}, wm.options());
+      at::Tensor rows_out = at::from_blob(out + (b * g.S + s0) * cout, {n, cout}, wm.options());
+      at::mm_out(rows_out, cols, wm);
+    }
+  }
+}
+
+// Fused backward for one weight group, block by block: the columns' gradient gout_rows x wm^T, then the sweep
+// of backward_voxel (input / offset / mask gradients, recomputed columns), then the weight gradient
+// columns^T x gout_rows accumulated per thread. gwm (K*C, C_out) is undefined when not needed.
+template <typename T, bool GX, bool GOFF, bool VAL>
+void fused_backward_kernel(const Geometry& g, const T* x, const T* off, const T* mask, const at::Tensor& wm_t,
+                           const T* gout, T* gx, T* goff, T* gmask, const at::Tensor& gwm, int64_t block) {
+  const int64_t KC = g.K * g.C, cout = wm_t.size(0);
+  const int64_t per_item = (g.S + block - 1) / block, total = g.B * per_item;
+  const int64_t rows = g.D * g.H * g.W;
+  const bool need_w = gwm.defined();
+  const int nt = std::max(1, std::min<int>(omp_get_max_threads(), static_cast<int>(total)));
+  PrivateGrad<T> pg(gx, g.B * rows * g.C, nt);
+  std::vector<at::Tensor> gwm_private(nt);
+#pragma omp parallel num_threads(nt)
+  {
+    at::NoGradGuard no_grad;  // grad mode is per thread: the workers' products must not see autograd either
+    const int tid = omp_get_thread_num();
+    T* gxp = pg.mine(tid);
+    std::vector<T> gbuf(block * KC), cbuf(need_w ? block * KC : 0), val(g.Cg);
+    if (need_w) gwm_private[tid] = at::zeros_like(gwm);
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < total; ++t) {
+      const int64_t b = t / per_item, s0 = (t % per_item) * block, n = std::min(g.S, s0 + block) - s0;
+      const T* xb = x + b * rows * g.C;
+      at::Tensor grows = at::from_blob(const_cast<T*>(gout) + (b * g.S + s0) * cout, {n, cout}, wm_t.options());
+      at::Tensor gcols = at::from_blob(gbuf.data(), {n, KC}, wm_t.options());
+      at::mm_out(gcols, grows, wm_t);
+      for (int64_t i = 0; i < n; ++i) {
+        backward_voxel<T, GX, GOFF, VAL>(g, xb, off, mask, gbuf.data() + i * KC, b, s0 + i,
+                                         need_w ? cbuf.data() + i * KC : nullptr,
+                                         GX ? gxp + b * rows * g.C : nullptr, goff, gmask, val.data());
+      }
+      if (need_w) {
+        at::Tensor cols = at::from_blob(cbuf.data(), {n, KC}, wm_t.options());
+        gwm_private[tid].addmm_(cols.t(), grows);
       }
     }
+#pragma omp barrier
+    pg.add_private_copies(tid, nt);
+  }
+  if (need_w) {
+    for (int t = 0; t < nt; ++t) gwm.add_(gwm_private[t]);
   }
 }
 
@@ -310,9 +402,80 @@ at::Tensor backward(const at::Tensor& x, const at::Tensor& offset, const c10::op
   return cols;
 }
 
+// Fused forward (one weight group): out (B, S, C_out) contiguous rows = sampled columns x wm (K*C, C_out).
+void fused_forward(const at::Tensor& x, const at::Tensor& offset, const c10::optional<at::Tensor>& mask,
+                   const at::Tensor& wm, std::vector<int64_t> ksize, std::vector<int64_t> stride,
+                   std::vector<int64_t> padding, std::vector<int64_t> dilation, std::vector<int64_t> out_size,
+                   at::Tensor& out, int64_t block) {
+  const Geometry g = make_geometry(x, offset, ksize, stride, padding, dilation, out_size);
+  TORCH_CHECK(block >= 1, "block must be >= 1");
+  TORCH_CHECK(offset.scalar_type() == x.scalar_type() && wm.scalar_type() == x.scalar_type(), "dtype mismatch");
+  TORCH_CHECK(wm.is_contiguous() && wm.dim() == 2 && wm.size(0) == g.K * g.C, "wm must be a contiguous (K*C, C_out)");
+  TORCH_CHECK(out.is_contiguous() && out.dim() == 3 && out.size(0) == g.B && out.size(1) == g.S &&
+                  out.size(2) == wm.size(1) && out.scalar_type() == x.scalar_type(),
+              "out must be a contiguous (B, S, C_out)");
+  const bool has_mask = mask.has_value() && mask->defined();
+  if (has_mask) TORCH_CHECK(mask->is_contiguous() && mask->scalar_type() == x.scalar_type(), "bad mask");
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "deform_conv3d_fused_forward", [&] {
+    fused_forward_kernel<scalar_t>(g, x.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(),
+                                   has_mask ? mask->data_ptr<scalar_t>() : nullptr, wm, out.data_ptr<scalar_t>(),
+                                   block);
+  });
+}
+
+// Fused backward (one weight group) from the output gradient rows gout (B, S, C_out): accumulates into grad_x
+// (B, D, H, W, C) and grad_wm (K*C, C_out), writes grad_offset / grad_mask, each when defined.
+void fused_backward(const at::Tensor& x, const at::Tensor& offset, const c10::optional<at::Tensor>& mask,
+                    const at::Tensor& wm_t, const at::Tensor& gout, std::vector<int64_t> ksize,
+                    std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation,
+                    std::vector<int64_t> out_size, const c10::optional<at::Tensor>& grad_x,
+                    const c10::optional<at::Tensor>& grad_offset, const c10::optional<at::Tensor>& grad_mask,
+                    const c10::optional<at::Tensor>& grad_wm, int64_t block) {
+  const Geometry g = make_geometry(x, offset, ksize, stride, padding, dilation, out_size);
+  TORCH_CHECK(block >= 1, "block must be >= 1");
+  TORCH_CHECK(wm_t.is_contiguous() && wm_t.dim() == 2 && wm_t.size(1) == g.K * g.C, "wm_t must be (C_out, K*C)");
+  TORCH_CHECK(gout.is_contiguous() && gout.dim() == 3 && gout.size(0) == g.B && gout.size(1) == g.S &&
+                  gout.size(2) == wm_t.size(0) && gout.scalar_type() == x.scalar_type(),
+              "gout must be contiguous (B, S, C_out) rows");
+  const bool has_mask = mask.has_value() && mask->defined();
+  auto defined = [&](const c10::optional<at::Tensor>& t) -> bool {
+    if (!(t.has_value() && t->defined())) return false;
+    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == x.scalar_type(), "gradient buffers must be contiguous");
+    return true;
+  };
+  const bool gx = defined(grad_x), goff = defined(grad_offset), gm = defined(grad_mask), gw = defined(grad_wm);
+  if (gx) TORCH_CHECK(grad_x->sizes() == x.sizes(), "grad_x shape mismatch");
+  if (goff) TORCH_CHECK(grad_offset->sizes() == offset.sizes(), "grad_offset shape mismatch");
+  if (gm) TORCH_CHECK(has_mask && grad_mask->sizes() == mask->sizes(), "grad_mask shape mismatch");
+  if (gw) TORCH_CHECK(grad_wm->dim() == 2 && grad_wm->size(0) == g.K * g.C && grad_wm->size(1) == wm_t.size(0),
+                      "grad_wm shape mismatch");
+  const at::Tensor gwm = gw ? *grad_wm : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "deform_conv3d_fused_backward", [&] {
+    auto run = [&](auto gx_tag, auto goff_tag, auto val_tag) {
+      fused_backward_kernel<scalar_t, decltype(gx_tag)::value, decltype(goff_tag)::value, decltype(val_tag)::value>(
+          g, x.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(), has_mask ? mask->data_ptr<scalar_t>() : nullptr,
+          wm_t, gout.data_ptr<scalar_t>(), gx ? grad_x->data_ptr<scalar_t>() : nullptr,
+          goff ? grad_offset->data_ptr<scalar_t>() : nullptr, gm ? grad_mask->data_ptr<scalar_t>() : nullptr, gwm,
+          block);
+    };
+    const bool val = gw || gm;
+    using Y = std::true_type;
+    using N = std::false_type;
+    if (gx && goff && val) run(Y{}, Y{}, Y{});
+    else if (gx && goff) run(Y{}, Y{}, N{});
+    else if (gx && val) run(Y{}, N{}, Y{});
+    else if (gx) run(Y{}, N{}, N{});
+    else if (goff && val) run(N{}, Y{}, Y{});
+    else if (goff) run(N{}, Y{}, N{});
+    else run(N{}, N{}, Y{});
+  });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("columns", &columns, "deformable 3D columns of one chunk (CPU)");
   m.def("backward", &backward, "backward of the deformable 3D columns of one chunk (CPU)");
+  m.def("fused_forward", &fused_forward, "deformable 3D convolution, one weight group, columns x weights fused (CPU)");
+  m.def("fused_backward", &fused_backward, "backward of fused_forward (CPU)");
 }
