@@ -240,10 +240,6 @@ def _ext_args(geo: _Geometry) -> tuple:
     return list(geo.ksz), list(geo.stride), list(geo.padding), list(geo.dilation), list(geo.out_sz)
 
 
-def _contig(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.contiguous()
-
-
 class _DeformConv3dFunction(torch.autograd.Function):
     """Chunked deformable convolution. The sampling runs in the compiled CPU kernels when ``ext`` is given,
     else in the pure PyTorch gather / scatter code above; chunk loop, GEMMs and grouping are shared. With the
@@ -262,7 +258,7 @@ class _DeformConv3dFunction(torch.autograd.Function):
             if ext is None:
                 table = _padded_table(x, og)
             else:
-                x_cl, offv, maskv = x.permute(0, 2, 3, 4, 1).contiguous(), offv.contiguous(), _contig(maskv)
+                x_cl = x.permute(0, 2, 3, 4, 1).contiguous()  # offsets / mask: the kernels take any strides
             # the output takes the input's memory format: channels-last rows (n, C_out) are what the GEMM yields
             channels_last = _is_channels_last(x)
             fused = ext is not None and groups == 1
@@ -314,14 +310,15 @@ class _DeformConv3dFunction(torch.autograd.Function):
                 gout = grad_out.permute(0, 2, 3, 4, 1).reshape(geo.B, geo.S, cout)
             else:
                 gout = grad_out.reshape(geo.B, cout, geo.S)
-            g_off = offset.new_zeros(geo.B, og, K, 3, geo.S) if need_off else None
-            g_mask = mask.new_zeros(geo.B, og, K, geo.S) if (need_m and mask is not None) else None
+            # laid out like the offsets / mask (channels-last from a channels-last offset conv: no copies)
+            g_off = torch.zeros_like(offv) if need_off else None
+            g_mask = torch.zeros_like(maskv) if (need_m and mask is not None) else None
             g_wm = wm.new_zeros(wm.shape) if need_w else None
             if ext is None:
                 table = _padded_table(x, og)
                 g_table = torch.zeros_like(table) if need_x else None
             else:
-                x_cl, offv, maskv = x.permute(0, 2, 3, 4, 1).contiguous(), offv.contiguous(), _contig(maskv)
+                x_cl = x.permute(0, 2, 3, 4, 1).contiguous()  # offsets / mask: the kernels take any strides
                 g_x_cl = torch.zeros_like(x_cl) if need_x else None
             fused = ext is not None and groups == 1
             if fused:

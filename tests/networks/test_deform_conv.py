@@ -197,16 +197,17 @@ def test_channels_last_matches_contiguous(x_cl, grad_cl, bias, groups, impl):
     x = torch.randn(2, 4, 5, 6, 7, dtype=DT)
     w = torch.randn(groups * 3, 4 // groups, 3, 3, 3, dtype=DT)
     b = torch.randn(groups * 3, dtype=DT, requires_grad=True) if bias else None
-    off = (1.5 * torch.randn(2, 81, 5, 6, 7, dtype=DT)).contiguous(memory_format=cl).requires_grad_()
+    off = 1.5 * torch.randn(2, 81, 5, 6, 7, dtype=DT)
+    mask = torch.rand(2, 27, 5, 6, 7, dtype=DT)
     g = torch.randn(2, groups * 3, 5, 6, 7, dtype=DT)
     runs = []
-    x2 = x.contiguous(memory_format=cl) if x_cl else x
-    g2 = g.contiguous(memory_format=cl) if grad_cl else g
-    w2 = w.contiguous(memory_format=cl) if x_cl else w
-    for xin, win, gin in ((x, w, g), (x2, w2, g2)):
-        xin, win = xin.clone().requires_grad_(), win.clone().requires_grad_()
-        y = deform_conv3d(xin, off, win, b, 1, 1, 1, chunk_size=37, implementation=impl)
-        runs.append((y, *torch.autograd.grad(y, [xin, win, off] + ([b] if bias else []), gin)))
+    # the channels-last run: offsets and mask as a channels-last conv would give them, weight as .to(channels_last)
+    layout = dict(memory_format=cl)
+    second = [t.contiguous(**layout) if x_cl else t for t in (x, w, off, mask)] + [g.contiguous(**layout) if grad_cl else g]
+    for xin, win, oin, min_, gin in ((x, w, off, mask, g), second):
+        leaves = [t.clone().requires_grad_() for t in (xin, win, oin, min_)]
+        y = deform_conv3d(leaves[0], leaves[2], leaves[1], b, 1, 1, 1, mask=leaves[3], chunk_size=37, implementation=impl)
+        runs.append((y, *torch.autograd.grad(y, leaves + ([b] if bias else []), gin)))
     y_cl = runs[1][0]
     assert y_cl.is_contiguous(memory_format=cl) == x_cl
     for a, c in zip(runs[0], runs[1]):

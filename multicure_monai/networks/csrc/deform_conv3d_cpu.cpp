@@ -36,13 +36,23 @@ struct Geometry {
   int64_t stride[3], padding[3];  // per axis (D, H, W)
   int64_t Ho, Wo, S;              // output height, width, number of voxels
   std::vector<int64_t> kdisp;     // (K, 3) displacement of every kernel point from the window origin
+  // element strides of the offset view (B, G, K, 3, S), the mask view (B, G, K, S) and of their gradients
+  int64_t os[5], ms[4], gos[5], gms[4];
+  // element index of (b, gr, k, axis 0, s) / (b, gr, k, s) for strides st
+  static inline int64_t index5(const int64_t* st, int64_t b, int64_t gr, int64_t k, int64_t s) {
+    return b * st[0] + gr * st[1] + k * st[2] + s * st[4];
+  }
+  static inline int64_t index4(const int64_t* st, int64_t b, int64_t gr, int64_t k, int64_t s) {
+    return b * st[0] + gr * st[1] + k * st[2] + s * st[3];
+  }
 };
 
-Geometry make_geometry(const at::Tensor& x, const at::Tensor& offset, std::vector<int64_t> ksize,
+Geometry make_geometry(const at::Tensor& x, const at::Tensor& offset, const c10::optional<at::Tensor>& mask,
+                       std::vector<int64_t> ksize,
                        std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation,
                        std::vector<int64_t> out_size) {
   TORCH_CHECK(x.dim() == 5 && x.is_contiguous(), "x must be a contiguous (B, D, H, W, C) tensor");
-  TORCH_CHECK(offset.dim() == 5 && offset.is_contiguous(), "offset must be a contiguous (B, G, K, 3, S) tensor");
+  TORCH_CHECK(offset.dim() == 5, "offset must be a (B, G, K, 3, S) view (any strides)");
   TORCH_CHECK(ksize.size() == 3 && stride.size() == 3 && padding.size() == 3 && dilation.size() == 3 &&
                   out_size.size() == 3,
               "geometry arguments must have 3 entries");
@@ -73,6 +83,15 @@ Geometry make_geometry(const at::Tensor& x, const at::Tensor& offset, std::vecto
     }
   }
   TORCH_CHECK(offset.size(0) == g.B && offset.size(3) == 3 && offset.size(4) == g.S, "offset shape mismatch");
+  for (int a = 0; a < 5; ++a) g.os[a] = g.gos[a] = offset.stride(a);
+  std::fill(g.ms, g.ms + 4, 0);
+  std::fill(g.gms, g.gms + 4, 0);
+  if (mask.has_value() && mask->defined()) {
+    TORCH_CHECK(mask->dim() == 4 && mask->size(0) == g.B && mask->size(1) == g.G && mask->size(2) == g.K &&
+                    mask->size(3) == g.S && mask->scalar_type() == x.scalar_type(),
+                "mask must be a (B, G, K, S) view of x's dtype");
+    for (int a = 0; a < 4; ++a) g.ms[a] = mask->stride(a);
+  }
   return g;
 }
 
@@ -134,11 +153,11 @@ inline void sample_voxel(const Geometry& g, const T* xb, const T* off, const T* 
     for (int64_t gr = 0; gr < g.G; ++gr) {
       T* d = dst + k * g.C + gr * g.Cg;
       std::fill(d, d + g.Cg, T(0));
-      const T* o = off + (((b * g.G + gr) * g.K + k) * 3) * g.S + s;
-      if (!trilinear_corners<T>(g, T(p[0]) + o[0], T(p[1]) + o[g.S], T(p[2]) + o[2 * g.S], row, w, (T*)nullptr,
-                                (T*)nullptr, (T*)nullptr))
+      const T* o = off + Geometry::index5(g.os, b, gr, k, s);
+      if (!trilinear_corners<T>(g, T(p[0]) + o[0], T(p[1]) + o[g.os[3]], T(p[2]) + o[2 * g.os[3]], row, w,
+                                (T*)nullptr, (T*)nullptr, (T*)nullptr))
         continue;
-      const T m = mask == nullptr ? T(1) : mask[((b * g.G + gr) * g.K + k) * g.S + s];
+      const T m = mask == nullptr ? T(1) : mask[Geometry::index4(g.ms, b, gr, k, s)];
       for (int c = 0; c < 8; ++c) {
         if (row[c] < 0) continue;
         const T wc = w[c] * m;
@@ -175,12 +194,10 @@ inline void backward_voxel(const Geometry& g, const T* xb, const T* off, const T
     for (int64_t gr = 0; gr < g.G; ++gr) {
       const int64_t e = k * g.C + gr * g.Cg;
       const T* gc = gc_voxel + e;
-      const int64_t oi = (((b * g.G + gr) * g.K + k) * 3) * g.S + s;
-      const int64_t mi = ((b * g.G + gr) * g.K + k) * g.S + s;
-      const T* o = off + oi;
-      const bool inside = trilinear_corners<T>(g, T(p[0]) + o[0], T(p[1]) + o[g.S], T(p[2]) + o[2 * g.S], row, w,
-                                               GOFF ? wd : nullptr, wh, ww);
-      const T m = mask == nullptr ? T(1) : mask[mi];
+      const T* o = off + Geometry::index5(g.os, b, gr, k, s);
+      const bool inside = trilinear_corners<T>(g, T(p[0]) + o[0], T(p[1]) + o[g.os[3]], T(p[2]) + o[2 * g.os[3]],
+                                               row, w, GOFF ? wd : nullptr, wh, ww);
+      const T m = mask == nullptr ? T(1) : mask[Geometry::index4(g.ms, b, gr, k, s)];
       T gq[3] = {T(0), T(0), T(0)};
       if (VAL) std::fill(val, val + g.Cg, T(0));
       if (inside) {
@@ -205,14 +222,15 @@ inline void backward_voxel(const Geometry& g, const T* xb, const T* off, const T
         }
       }
       if (goff != nullptr) {
-        goff[oi] = gq[0] * m;
-        goff[oi + g.S] = gq[1] * m;
-        goff[oi + 2 * g.S] = gq[2] * m;
+        T* go = goff + Geometry::index5(g.gos, b, gr, k, s);
+        go[0] = gq[0] * m;
+        go[g.gos[3]] = gq[1] * m;
+        go[2 * g.gos[3]] = gq[2] * m;
       }
       if (gmask != nullptr) {
         T dot = T(0);
         for (int64_t ch = 0; ch < g.Cg; ++ch) dot += val[ch] * gc[ch];
-        gmask[mi] = dot;
+        gmask[Geometry::index4(g.gms, b, gr, k, s)] = dot;
       }
       if (cols != nullptr) {
         T* dst = cols + e;
@@ -342,14 +360,42 @@ void fused_backward_kernel(const Geometry& g, const T* x, const T* off, const T*
   }
 }
 
+// Which gradients a backward call writes, after checking their buffers: grad_x a contiguous (B, D, H, W, C);
+// grad_offset / grad_mask with the sizes of offset / mask and any strides (recorded in the geometry).
+struct GradBuffers {
+  bool x, offset, mask;
+};
+
+GradBuffers check_grad_buffers(Geometry& g, const at::Tensor& x, const at::Tensor& offset,
+                               const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& grad_x,
+                               const c10::optional<at::Tensor>& grad_offset,
+                               const c10::optional<at::Tensor>& grad_mask) {
+  auto given = [&](const c10::optional<at::Tensor>& t) -> bool {
+    if (!(t.has_value() && t->defined())) return false;
+    TORCH_CHECK(t->scalar_type() == x.scalar_type(), "gradient buffers must have x's dtype");
+    return true;
+  };
+  const GradBuffers gb{given(grad_x), given(grad_offset), given(grad_mask)};
+  if (gb.x) TORCH_CHECK(grad_x->is_contiguous() && grad_x->sizes() == x.sizes(), "grad_x must be contiguous like x");
+  if (gb.offset) {
+    TORCH_CHECK(grad_offset->sizes() == offset.sizes(), "grad_offset must have the offset's sizes");
+    for (int a = 0; a < 5; ++a) g.gos[a] = grad_offset->stride(a);
+  }
+  if (gb.mask) {
+    TORCH_CHECK(mask.has_value() && mask->defined() && grad_mask->sizes() == mask->sizes(),
+                "grad_mask must have the mask's sizes");
+    for (int a = 0; a < 4; ++a) g.gms[a] = grad_mask->stride(a);
+  }
+  return gb;
+}
+
 at::Tensor columns(const at::Tensor& x, const at::Tensor& offset, const c10::optional<at::Tensor>& mask,
                    std::vector<int64_t> ksize, std::vector<int64_t> stride, std::vector<int64_t> padding,
                    std::vector<int64_t> dilation, std::vector<int64_t> out_size, int64_t b, int64_t s0, int64_t s1) {
-  const Geometry g = make_geometry(x, offset, ksize, stride, padding, dilation, out_size);
+  const Geometry g = make_geometry(x, offset, mask, ksize, stride, padding, dilation, out_size);
   TORCH_CHECK(0 <= b && b < g.B && 0 <= s0 && s0 <= s1 && s1 <= g.S, "chunk out of range");
   TORCH_CHECK(offset.scalar_type() == x.scalar_type(), "offset dtype must match x");
   const bool has_mask = mask.has_value() && mask->defined();
-  if (has_mask) TORCH_CHECK(mask->is_contiguous() && mask->scalar_type() == x.scalar_type(), "bad mask");
   at::Tensor cols = at::empty({s1 - s0, g.K, g.C}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "deform_conv3d_columns", [&] {
     columns_kernel<scalar_t>(g, x.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(),
@@ -366,19 +412,12 @@ at::Tensor backward(const at::Tensor& x, const at::Tensor& offset, const c10::op
                     std::vector<int64_t> padding, std::vector<int64_t> dilation, std::vector<int64_t> out_size,
                     int64_t b, int64_t s0, int64_t s1, bool need_columns, const c10::optional<at::Tensor>& grad_x,
                     const c10::optional<at::Tensor>& grad_offset, const c10::optional<at::Tensor>& grad_mask) {
-  const Geometry g = make_geometry(x, offset, ksize, stride, padding, dilation, out_size);
+  Geometry g = make_geometry(x, offset, mask, ksize, stride, padding, dilation, out_size);
   TORCH_CHECK(0 <= b && b < g.B && 0 <= s0 && s0 <= s1 && s1 <= g.S, "chunk out of range");
   TORCH_CHECK(grad_columns.is_contiguous() && grad_columns.numel() == (s1 - s0) * g.K * g.C, "bad grad_columns");
   const bool has_mask = mask.has_value() && mask->defined();
-  auto opt_ptr = [&](const c10::optional<at::Tensor>& t, const at::Tensor& like) -> bool {
-    if (!(t.has_value() && t->defined())) return false;
-    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == like.scalar_type(), "gradient buffers must be contiguous");
-    return true;
-  };
-  const bool gx = opt_ptr(grad_x, x), goff = opt_ptr(grad_offset, x), gm = opt_ptr(grad_mask, x);
-  if (gx) TORCH_CHECK(grad_x->sizes() == x.sizes(), "grad_x shape mismatch");
-  if (goff) TORCH_CHECK(grad_offset->sizes() == offset.sizes(), "grad_offset shape mismatch");
-  if (gm) TORCH_CHECK(has_mask && grad_mask->sizes() == mask->sizes(), "grad_mask shape mismatch");
+  const GradBuffers gb = check_grad_buffers(g, x, offset, mask, grad_x, grad_offset, grad_mask);
+  const bool gx = gb.x, goff = gb.offset, gm = gb.mask;
   at::Tensor cols = need_columns ? at::empty({s1 - s0, g.K, g.C}, x.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "deform_conv3d_backward", [&] {
     auto run = [&](auto gx_tag, auto goff_tag, auto val_tag) {
@@ -407,7 +446,7 @@ void fused_forward(const at::Tensor& x, const at::Tensor& offset, const c10::opt
                    const at::Tensor& wm, std::vector<int64_t> ksize, std::vector<int64_t> stride,
                    std::vector<int64_t> padding, std::vector<int64_t> dilation, std::vector<int64_t> out_size,
                    at::Tensor& out, int64_t block) {
-  const Geometry g = make_geometry(x, offset, ksize, stride, padding, dilation, out_size);
+  const Geometry g = make_geometry(x, offset, mask, ksize, stride, padding, dilation, out_size);
   TORCH_CHECK(block >= 1, "block must be >= 1");
   TORCH_CHECK(offset.scalar_type() == x.scalar_type() && wm.scalar_type() == x.scalar_type(), "dtype mismatch");
   TORCH_CHECK(wm.is_contiguous() && wm.dim() == 2 && wm.size(0) == g.K * g.C, "wm must be a contiguous (K*C, C_out)");
@@ -415,7 +454,6 @@ void fused_forward(const at::Tensor& x, const at::Tensor& offset, const c10::opt
                   out.size(2) == wm.size(1) && out.scalar_type() == x.scalar_type(),
               "out must be a contiguous (B, S, C_out)");
   const bool has_mask = mask.has_value() && mask->defined();
-  if (has_mask) TORCH_CHECK(mask->is_contiguous() && mask->scalar_type() == x.scalar_type(), "bad mask");
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "deform_conv3d_fused_forward", [&] {
     fused_forward_kernel<scalar_t>(g, x.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(),
                                    has_mask ? mask->data_ptr<scalar_t>() : nullptr, wm, out.data_ptr<scalar_t>(),
@@ -431,24 +469,18 @@ void fused_backward(const at::Tensor& x, const at::Tensor& offset, const c10::op
                     std::vector<int64_t> out_size, const c10::optional<at::Tensor>& grad_x,
                     const c10::optional<at::Tensor>& grad_offset, const c10::optional<at::Tensor>& grad_mask,
                     const c10::optional<at::Tensor>& grad_wm, int64_t block) {
-  const Geometry g = make_geometry(x, offset, ksize, stride, padding, dilation, out_size);
+  Geometry g = make_geometry(x, offset, mask, ksize, stride, padding, dilation, out_size);
   TORCH_CHECK(block >= 1, "block must be >= 1");
   TORCH_CHECK(wm_t.is_contiguous() && wm_t.dim() == 2 && wm_t.size(1) == g.K * g.C, "wm_t must be (C_out, K*C)");
   TORCH_CHECK(gout.is_contiguous() && gout.dim() == 3 && gout.size(0) == g.B && gout.size(1) == g.S &&
                   gout.size(2) == wm_t.size(0) && gout.scalar_type() == x.scalar_type(),
               "gout must be contiguous (B, S, C_out) rows");
   const bool has_mask = mask.has_value() && mask->defined();
-  auto defined = [&](const c10::optional<at::Tensor>& t) -> bool {
-    if (!(t.has_value() && t->defined())) return false;
-    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == x.scalar_type(), "gradient buffers must be contiguous");
-    return true;
-  };
-  const bool gx = defined(grad_x), goff = defined(grad_offset), gm = defined(grad_mask), gw = defined(grad_wm);
-  if (gx) TORCH_CHECK(grad_x->sizes() == x.sizes(), "grad_x shape mismatch");
-  if (goff) TORCH_CHECK(grad_offset->sizes() == offset.sizes(), "grad_offset shape mismatch");
-  if (gm) TORCH_CHECK(has_mask && grad_mask->sizes() == mask->sizes(), "grad_mask shape mismatch");
-  if (gw) TORCH_CHECK(grad_wm->dim() == 2 && grad_wm->size(0) == g.K * g.C && grad_wm->size(1) == wm_t.size(0),
-                      "grad_wm shape mismatch");
+  const GradBuffers gb = check_grad_buffers(g, x, offset, mask, grad_x, grad_offset, grad_mask);
+  const bool gx = gb.x, goff = gb.offset, gm = gb.mask, gw = grad_wm.has_value() && grad_wm->defined();
+  if (gw) TORCH_CHECK(grad_wm->is_contiguous() && grad_wm->scalar_type() == x.scalar_type() && grad_wm->dim() == 2 &&
+                          grad_wm->size(0) == g.K * g.C && grad_wm->size(1) == wm_t.size(0),
+                      "grad_wm must be a contiguous (K*C, C_out)");
   const at::Tensor gwm = gw ? *grad_wm : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "deform_conv3d_fused_backward", [&] {
     auto run = [&](auto gx_tag, auto goff_tag, auto val_tag) {
