@@ -63,12 +63,24 @@ def crop_to(x: torch.Tensor, spatial_size: Sequence[int]) -> torch.Tensor:
         spatial_size: target spatial size.
 
     Returns:
-        Tensor of shape ``(B, C, *spatial_size)``.
+        Tensor of shape ``(B, C, *spatial_size)`` in ``x``'s memory format: ``x`` itself when nothing is cropped,
+        else one copy made by a negative constant pad. Its backward is a single pad of the gradient; slicing the
+        axes one by one would return a view but chain one backward node per axis, each allocating and
+        zero-filling a full-size gradient (and the convolution reading the view copies it anyway).
+
+    Raises:
+        ValueError: when ``spatial_size`` has another length than the spatial axes or exceeds them.
     """
-    if tuple(x.shape[2:]) == tuple(spatial_size):
+    size = tuple(int(s) for s in x.shape[2:])
+    target = tuple(int(s) for s in spatial_size)
+    if size == target:
         return x
-    slices = (slice(None), slice(None)) + tuple(slice(0, int(s)) for s in spatial_size)
-    return x[slices]
+    if len(size) != len(target) or any(t > s for s, t in zip(size, target)):
+        raise ValueError(f"cannot crop spatial size {size} to {target}.")
+    pads: list[int] = []
+    for s, t in zip(reversed(size), reversed(target)):  # F.pad lists the last axis first
+        pads += [0, t - s]
+    return F.pad(x, pads)
 
 
 def level_size(spatial_size: Sequence[int], level: int) -> tuple[int, ...]:
