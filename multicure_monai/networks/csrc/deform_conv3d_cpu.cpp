@@ -25,6 +25,8 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
+#include <exception>
 #include <cmath>
 #include <type_traits>
 #include <vector>
@@ -266,6 +268,27 @@ struct PrivateGrad {
   }
 };
 
+// An exception must not leave an OpenMP region (std::terminate): each thread runs its work through run(), the
+// first exception is kept, the remaining work is skipped, and rethrow() raises it after the region.
+struct ErrorTrap {
+  std::atomic<bool> failed{false};
+  std::exception_ptr error = nullptr;
+  template <typename F>
+  void run(F&& work) {
+    if (failed.load(std::memory_order_relaxed)) return;
+    try {
+      work();
+    } catch (...) {
+#pragma omp critical(multicure_deform_conv_error)
+      if (error == nullptr) error = std::current_exception();
+      failed = true;
+    }
+  }
+  void rethrow() const {
+    if (error != nullptr) std::rethrow_exception(error);
+  }
+};
+
 template <typename T, bool GX, bool GOFF, bool VAL>
 void backward_kernel(const Geometry& g, const T* x, const T* off, const T* mask, const T* gcols, int64_t b,
                      int64_t s0, int64_t s1, T* cols, T* gx, T* goff, T* gmask) {
@@ -274,20 +297,28 @@ void backward_kernel(const Geometry& g, const T* x, const T* off, const T* mask,
   const T* xb = x + b * rows * g.C;
   const int nt = std::max(1, std::min<int>(omp_get_max_threads(), static_cast<int>(n)));
   PrivateGrad<T> pg(gx == nullptr ? nullptr : gx + b * rows * g.C, rows * g.C, nt);
+  ErrorTrap trap;
 #pragma omp parallel num_threads(nt)
   {
     const int tid = omp_get_thread_num();
-    T* gxb = pg.mine(tid);
-    std::vector<T> val(g.Cg);
+    T* gxb = nullptr;
+    std::vector<T> val;
+    trap.run([&] {
+      gxb = pg.mine(tid);
+      val.resize(g.Cg);
+    });
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < n; ++i) {
-      const int64_t e = i * g.K * g.C;
-      backward_voxel<T, GX, GOFF, VAL>(g, xb, off, mask, gcols + e, b, s0 + i, cols == nullptr ? nullptr : cols + e,
-                                       gxb, goff, gmask, val.data());
+      trap.run([&] {
+        const int64_t e = i * g.K * g.C;
+        backward_voxel<T, GX, GOFF, VAL>(g, xb, off, mask, gcols + e, b, s0 + i,
+                                         cols == nullptr ? nullptr : cols + e, gxb, goff, gmask, val.data());
+      });
     }
 #pragma omp barrier
-    pg.add_private_copies(tid, nt);
+    trap.run([&] { pg.add_private_copies(tid, nt); });
   }
+  trap.rethrow();
 }
 
 // Fused forward for one weight group: the output rows (B, S, C_out) are the sampled columns times wm
@@ -299,20 +330,25 @@ void fused_forward_kernel(const Geometry& g, const T* x, const T* off, const T* 
   const int64_t KC = g.K * g.C, cout = wm.size(1);
   const int64_t per_item = (g.S + block - 1) / block, total = g.B * per_item;
   const int64_t rows = g.D * g.H * g.W;
+  ErrorTrap trap;
 #pragma omp parallel
   {
     at::NoGradGuard no_grad;  // grad mode is per thread: the workers' products must not see autograd either
-    std::vector<T> buf(block * KC);
+    std::vector<T> buf;
+    trap.run([&] { buf.resize(block * KC); });
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < total; ++t) {
-      const int64_t b = t / per_item, s0 = (t % per_item) * block, n = std::min(g.S, s0 + block) - s0;
-      const T* xb = x + b * rows * g.C;
-      for (int64_t i = 0; i < n; ++i) sample_voxel<T>(g, xb, off, mask, b, s0 + i, buf.data() + i * KC);
-      at::Tensor cols = at::from_blob(buf.data(), {n, KC}, wm.options());
-      at::Tensor rows_out = at::from_blob(out + (b * g.S + s0) * cout, {n, cout}, wm.options());
-      at::mm_out(rows_out, cols, wm);
+      trap.run([&] {
+        const int64_t b = t / per_item, s0 = (t % per_item) * block, n = std::min(g.S, s0 + block) - s0;
+        const T* xb = x + b * rows * g.C;
+        for (int64_t i = 0; i < n; ++i) sample_voxel<T>(g, xb, off, mask, b, s0 + i, buf.data() + i * KC);
+        at::Tensor cols = at::from_blob(buf.data(), {n, KC}, wm.options());
+        at::Tensor rows_out = at::from_blob(out + (b * g.S + s0) * cout, {n, cout}, wm.options());
+        at::mm_out(rows_out, cols, wm);
+      });
     }
   }
+  trap.rethrow();
 }
 
 // Fused backward for one weight group, block by block: the columns' gradient gout_rows x wm^T, then the sweep
@@ -328,33 +364,43 @@ void fused_backward_kernel(const Geometry& g, const T* x, const T* off, const T*
   const int nt = std::max(1, std::min<int>(omp_get_max_threads(), static_cast<int>(total)));
   PrivateGrad<T> pg(gx, g.B * rows * g.C, nt);
   std::vector<at::Tensor> gwm_private(nt);
+  ErrorTrap trap;
 #pragma omp parallel num_threads(nt)
   {
     at::NoGradGuard no_grad;  // grad mode is per thread: the workers' products must not see autograd either
     const int tid = omp_get_thread_num();
-    T* gxp = pg.mine(tid);
-    std::vector<T> gbuf(block * KC), cbuf(need_w ? block * KC : 0), val(g.Cg);
-    if (need_w) gwm_private[tid] = at::zeros_like(gwm);
+    T* gxp = nullptr;
+    std::vector<T> gbuf, cbuf, val;
+    trap.run([&] {
+      gxp = pg.mine(tid);
+      gbuf.resize(block * KC);
+      cbuf.resize(need_w ? block * KC : 0);
+      val.resize(g.Cg);
+      if (need_w) gwm_private[tid] = at::zeros_like(gwm);
+    });
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < total; ++t) {
-      const int64_t b = t / per_item, s0 = (t % per_item) * block, n = std::min(g.S, s0 + block) - s0;
-      const T* xb = x + b * rows * g.C;
-      at::Tensor grows = at::from_blob(const_cast<T*>(gout) + (b * g.S + s0) * cout, {n, cout}, wm_t.options());
-      at::Tensor gcols = at::from_blob(gbuf.data(), {n, KC}, wm_t.options());
-      at::mm_out(gcols, grows, wm_t);
-      for (int64_t i = 0; i < n; ++i) {
-        backward_voxel<T, GX, GOFF, VAL>(g, xb, off, mask, gbuf.data() + i * KC, b, s0 + i,
-                                         need_w ? cbuf.data() + i * KC : nullptr,
-                                         GX ? gxp + b * rows * g.C : nullptr, goff, gmask, val.data());
-      }
-      if (need_w) {
-        at::Tensor cols = at::from_blob(cbuf.data(), {n, KC}, wm_t.options());
-        gwm_private[tid].addmm_(cols.t(), grows);
-      }
+      trap.run([&] {
+        const int64_t b = t / per_item, s0 = (t % per_item) * block, n = std::min(g.S, s0 + block) - s0;
+        const T* xb = x + b * rows * g.C;
+        at::Tensor grows = at::from_blob(const_cast<T*>(gout) + (b * g.S + s0) * cout, {n, cout}, wm_t.options());
+        at::Tensor gcols = at::from_blob(gbuf.data(), {n, KC}, wm_t.options());
+        at::mm_out(gcols, grows, wm_t);
+        for (int64_t i = 0; i < n; ++i) {
+          backward_voxel<T, GX, GOFF, VAL>(g, xb, off, mask, gbuf.data() + i * KC, b, s0 + i,
+                                           need_w ? cbuf.data() + i * KC : nullptr,
+                                           GX ? gxp + b * rows * g.C : nullptr, goff, gmask, val.data());
+        }
+        if (need_w) {
+          at::Tensor cols = at::from_blob(cbuf.data(), {n, KC}, wm_t.options());
+          gwm_private[tid].addmm_(cols.t(), grows);
+        }
+      });
     }
 #pragma omp barrier
-    pg.add_private_copies(tid, nt);
+    trap.run([&] { pg.add_private_copies(tid, nt); });
   }
+  trap.rethrow();
   if (need_w) {
     for (int t = 0; t < nt; ++t) gwm.add_(gwm_private[t]);
   }
