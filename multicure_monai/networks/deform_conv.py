@@ -264,7 +264,8 @@ class _DeformConv3dFunction(torch.autograd.Function):
             fused = ext is not None and groups == 1
             out = x.new_empty(geo.B, geo.S, cout) if channels_last or fused else x.new_empty(geo.B, cout, geo.S)
             if fused:
-                ext.fused_forward(x_cl, offv, maskv, wm[0].contiguous(), *_ext_args(geo), out, min(chunk, FUSED_BLOCK))
+                block = min(chunk, FUSED_BLOCK)
+                ext.fused_forward(x_cl, offv, maskv, wm[0].contiguous(), *_ext_args(geo), out, block)
                 if bias is not None:
                     out += bias
             for b, s0, s1 in () if fused else _chunks(geo, chunk):

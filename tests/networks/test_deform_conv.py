@@ -202,12 +202,12 @@ def test_channels_last_matches_contiguous(x_cl, grad_cl, bias, groups, impl):
     g = torch.randn(2, groups * 3, 5, 6, 7, dtype=DT)
     runs = []
     # the channels-last run: offsets and mask as a channels-last conv would give them, weight as .to(channels_last)
-    layout = dict(memory_format=cl)
-    second = [t.contiguous(**layout) if x_cl else t for t in (x, w, off, mask)] + [g.contiguous(**layout) if grad_cl else g]
+    second = [t.contiguous(memory_format=cl) if x_cl else t for t in (x, w, off, mask)]
+    second.append(g.contiguous(memory_format=cl) if grad_cl else g)
     for xin, win, oin, min_, gin in ((x, w, off, mask, g), second):
-        leaves = [t.clone().requires_grad_() for t in (xin, win, oin, min_)]
-        y = deform_conv3d(leaves[0], leaves[2], leaves[1], b, 1, 1, 1, mask=leaves[3], chunk_size=37, implementation=impl)
-        runs.append((y, *torch.autograd.grad(y, leaves + ([b] if bias else []), gin)))
+        xl, wl, ol, ml = (t.clone().requires_grad_() for t in (xin, win, oin, min_))
+        y = deform_conv3d(xl, ol, wl, b, 1, 1, 1, mask=ml, chunk_size=37, implementation=impl)
+        runs.append((y, *torch.autograd.grad(y, [xl, wl, ol, ml] + ([b] if bias else []), gin)))
     y_cl = runs[1][0]
     assert y_cl.is_contiguous(memory_format=cl) == x_cl
     for a, c in zip(runs[0], runs[1]):
