@@ -1,4 +1,5 @@
-"""Engines: the two-network semi-supervised trainer and its handlers (checkpoints, resume, seeding, progress)."""
+"""Engines: the two-network semi-supervised trainer and its handlers (checkpoints, resume, seeding, progress,
+DDP buffer sync)."""
 
 from __future__ import annotations
 
