@@ -196,7 +196,7 @@ def _scatter_rows(gtable: torch.Tensor, idx0: torch.Tensor, corner_off: torch.Te
 def _is_channels_last(t: torch.Tensor) -> bool:
     """Whether a ``(B, C, D, H, W)`` tensor is laid out channels-last (``torch.channels_last_3d``) but not
     (also) contiguous, i.e. whether its ``(B, D, H, W, C)`` permutation is the contiguous one."""
-    return t.dim() == 5 and not t.is_contiguous() and t.permute(0, 2, 3, 4, 1).is_contiguous()
+    return t.dim() == 5 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last_3d)
 
 
 def _weight_matrix(weight: torch.Tensor, groups: int, K: int) -> torch.Tensor:

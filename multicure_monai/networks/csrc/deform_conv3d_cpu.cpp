@@ -406,6 +406,21 @@ void fused_backward_kernel(const Geometry& g, const T* x, const T* off, const T*
   }
 }
 
+// Calls run(GX, GOFF, VAL) with std::true_type / std::false_type tags for the runtime flags, the template
+// arguments of the backward kernels; with no gradient to write the sweep still computes the values.
+template <typename F>
+void dispatch_flags(bool gx, bool goff, bool val, F&& run) {
+  using Y = std::true_type;
+  using N = std::false_type;
+  if (gx && goff && val) run(Y{}, Y{}, Y{});
+  else if (gx && goff) run(Y{}, Y{}, N{});
+  else if (gx && val) run(Y{}, N{}, Y{});
+  else if (gx) run(Y{}, N{}, N{});
+  else if (goff && val) run(N{}, Y{}, Y{});
+  else if (goff) run(N{}, Y{}, N{});
+  else run(N{}, N{}, Y{});
+}
+
 // Which gradients a backward call writes, after checking their buffers: grad_x a contiguous (B, D, H, W, C);
 // grad_offset / grad_mask with the sizes of offset / mask and any strides (recorded in the geometry).
 struct GradBuffers {
@@ -474,15 +489,7 @@ at::Tensor backward(const at::Tensor& x, const at::Tensor& offset, const c10::op
           gm ? grad_mask->data_ptr<scalar_t>() : nullptr);
     };
     const bool val = need_columns || gm;
-    using Y = std::true_type;
-    using N = std::false_type;
-    if (gx && goff && val) run(Y{}, Y{}, Y{});
-    else if (gx && goff) run(Y{}, Y{}, N{});
-    else if (gx && val) run(Y{}, N{}, Y{});
-    else if (gx) run(Y{}, N{}, N{});
-    else if (goff && val) run(N{}, Y{}, Y{});
-    else if (goff) run(N{}, Y{}, N{});
-    else run(N{}, N{}, Y{});
+    dispatch_flags(gx, goff, val, run);
   });
   return cols;
 }
@@ -537,15 +544,7 @@ void fused_backward(const at::Tensor& x, const at::Tensor& offset, const c10::op
           block);
     };
     const bool val = gw || gm;
-    using Y = std::true_type;
-    using N = std::false_type;
-    if (gx && goff && val) run(Y{}, Y{}, Y{});
-    else if (gx && goff) run(Y{}, Y{}, N{});
-    else if (gx && val) run(Y{}, N{}, Y{});
-    else if (gx) run(Y{}, N{}, N{});
-    else if (goff && val) run(N{}, Y{}, Y{});
-    else if (goff) run(N{}, Y{}, N{});
-    else run(N{}, N{}, Y{});
+    dispatch_flags(gx, goff, val, run);
   });
 }
 
