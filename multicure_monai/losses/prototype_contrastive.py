@@ -220,7 +220,7 @@ class PrototypeContrastiveLoss(nn.Module):
 
         # Prototypes (eq. 4): mean of the normalised reliable features per class, sum_v onehot_vk f_v / ||f_v||.
         present_cls = present.nonzero(as_tuple=False).squeeze(1)  # (P,)
-        weights = F.one_hot(rel_lab, self.num_classes + 1)[:, present_cls].to(f.dtype) * inv_norm.unsqueeze(1)
+        weights = (rel_lab.unsqueeze(1) == present_cls).to(f.dtype) * inv_norm.unsqueeze(1)  # (N, P)
         protos = (weights.t() @ f) / counts[present_cls].unsqueeze(1).to(f.dtype)  # (P, E)
         protos = F.normalize(protos, dim=1, eps=1e-8)  # cosine similarity is scale-free
 
