@@ -1,4 +1,4 @@
-"""Iteration-dependent weight ``lambda_c`` of the contrastive loss (eq. 3).
+"""Iteration-dependent loss weights ``lambda_u`` and ``lambda_c`` (eq. 3).
 
 Section 3 of the paper states ``lambda_c = 0.1 * e^{4 (1 - t / t_max)^2}``. Read literally this *decays*
 from ``0.1 * e^4 ~= 5.46`` at ``t = 0`` to ``0.1`` at ``t_max``, i.e. the contrastive term would dominate the
@@ -12,14 +12,17 @@ offered:
 * ``"paper"``: the literal ``base * exp(4 (1 - t/t_max)^2)``, decaying from ``base * e^4`` to ``base``;
 * ``"constant"``: ``base``.
 
-``t`` is clamped to ``[0, t_max]``. MONAI has no loss-weight schedule, so this is written by hand.
+``t`` is clamped to ``[0, t_max]``. ``t_max`` is a ramp horizon in iterations: the paper ties it to the run
+length, so a 300- and a 6000-iteration run see different curves; :class:`LossWeightSchedule` takes it as its own
+``rampup_iterations`` (the bundle's ``rampup_iterations``), independent of the run length. MONAI has no loss-weight
+schedule, so this is written by hand.
 """
 
 from __future__ import annotations
 
 import math
 
-__all__ = ["SCHEDULE_FORMS", "contrastive_weight", "ContrastiveWeightSchedule"]
+__all__ = ["SCHEDULE_FORMS", "contrastive_weight", "LossWeightSchedule", "ContrastiveWeightSchedule"]
 
 SCHEDULE_FORMS: tuple[str, ...] = ("authors", "paper", "constant")
 
@@ -59,29 +62,43 @@ def contrastive_weight(iteration: int, max_iterations: int, base: float = 0.1, f
     return float(base) * math.exp(exponent)
 
 
-class ContrastiveWeightSchedule:
-    """Picklable callable ``iteration -> lambda_c`` wrapping :func:`contrastive_weight` (for bundle configs).
+class LossWeightSchedule:
+    """Picklable callable ``iteration -> weight`` wrapping :func:`contrastive_weight` (for bundle configs).
+
+    Args:
+        rampup_iterations: ramp horizon ``t_max`` in iterations (> 0); the weight is ``base`` from there on.
+        base: weight reached at ``rampup_iterations``.
+        form: ``"authors"``, ``"paper"`` or ``"constant"``.
+
+    Example:
+        >>> schedule = LossWeightSchedule(200, base=1.0)
+        >>> round(schedule(200), 6), round(schedule(6000), 6)
+        (1.0, 1.0)
+    """
+
+    def __init__(self, rampup_iterations: int, base: float = 0.1, form: str = "authors") -> None:
+        _validate(rampup_iterations, base, form)
+        self.rampup_iterations = int(rampup_iterations)
+        self.base = float(base)
+        self.form = form
+
+    def __call__(self, iteration: int) -> float:
+        """Weight at ``iteration`` (clamped to ``[0, rampup_iterations]``)."""
+        return contrastive_weight(iteration, self.rampup_iterations, self.base, self.form)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(rampup_iterations={self.rampup_iterations}, base={self.base}, form={self.form!r})"
+
+
+class ContrastiveWeightSchedule(LossWeightSchedule):
+    """:class:`LossWeightSchedule` with the horizon named ``max_iterations`` (the paper's ``t_max``).
 
     Args:
         max_iterations: horizon ``t_max`` (> 0).
         base: weight reached at ``t_max``.
         form: ``"authors"``, ``"paper"`` or ``"constant"``.
-
-    Example:
-        >>> schedule = ContrastiveWeightSchedule(6000, base=0.1)
-        >>> round(schedule(6000), 6)
-        0.1
     """
 
     def __init__(self, max_iterations: int, base: float = 0.1, form: str = "authors") -> None:
-        _validate(max_iterations, base, form)
-        self.max_iterations = int(max_iterations)
-        self.base = float(base)
-        self.form = form
-
-    def __call__(self, iteration: int) -> float:
-        """Weight at ``iteration`` (clamped to ``[0, max_iterations]``)."""
-        return contrastive_weight(iteration, self.max_iterations, self.base, self.form)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(max_iterations={self.max_iterations}, base={self.base}, form={self.form!r})"
+        super().__init__(max_iterations, base, form)
+        self.max_iterations = self.rampup_iterations

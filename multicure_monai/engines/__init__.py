@@ -1,17 +1,19 @@
 """Engines: the two-network semi-supervised trainer and its handlers (checkpoints, resume, seeding, progress,
-DDP buffer sync)."""
+DDP buffer sync, training diagnostics)."""
 
 from __future__ import annotations
 
 from .buffer_sync import BufferSyncHandler, broadcast_buffers
 from .checkpoint import AtomicCheckpointSaver, ResumeCheckpointLoader, SafeCheckpointLoader, safe_load
 from .determinism import EpochSeedHandler
+from .diagnostics import CollapseGuard, loss_gradient_norms
 from .progress_bar import ProgressBar
 from .semi_supervised_trainer import LOSS_TERMS, SemiSupervisedTrainer
 
 __all__ = [
     "AtomicCheckpointSaver",
     "BufferSyncHandler",
+    "CollapseGuard",
     "EpochSeedHandler",
     "LOSS_TERMS",
     "ProgressBar",
@@ -19,5 +21,6 @@ __all__ = [
     "SafeCheckpointLoader",
     "SemiSupervisedTrainer",
     "broadcast_buffers",
+    "loss_gradient_norms",
     "safe_load",
 ]

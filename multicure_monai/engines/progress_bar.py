@@ -17,12 +17,12 @@ from ignite.handlers import ProgressBar as _IgniteProgressBar
 __all__ = ["ProgressBar", "scalar_terms"]
 
 
-def scalar_terms(output: Any, prefix: str = "loss") -> dict[str, float]:
+def scalar_terms(output: Any, prefix: str | tuple[str, ...] = "loss") -> dict[str, float]:
     """The scalar entries of an engine output dict whose names start with ``prefix``, as floats.
 
     Args:
         output: ``engine.state.output``; a dict (or a decollated list of dicts, of which the first is used).
-        prefix: keep the keys that start with this string.
+        prefix: keep the keys that start with this string (or with one of these strings).
     """
     if isinstance(output, list):
         output = output[0] if output else {}

@@ -26,10 +26,20 @@ One iteration (``L = L_s + lambda_u * L_u + lambda_c(t) * L_c``, eqs. 1-3 of the
           voxel is the ground truth on labelled images and the predictive net's argmax on unlabelled ones;
           conf is always the predictive net's confidence (it is the net that defines uncertainty).
 
+Which net teaches (``teacher``): ``"predictive"`` is the paper (the V-Net's pseudo labels train the auxiliary
+net); ``"better"`` is MCF's dynamic competition (each iteration the net with the lower ``L_s`` on the labelled
+batch teaches the other, so a worse or collapsing V-Net never teaches); ``"ema"`` is UA-MT/mean-teacher style
+(an exponential moving average of the predictive net teaches both nets). The uncertainty map fed to MultiCURE is
+always the predictive net's (the architecture's coupling); the reliable/uncertain split and the pseudo labels of
+``L_u`` and ``L_c`` come from the teacher.
+
 The engine's output dict carries ``image``, ``label``, ``pred`` (predictive logits of the labelled batch),
 ``loss`` and every term (``loss_sup``, ``loss_pseudo``, ``loss_reg``, ``loss_unsup``, ``loss_contrastive``,
 ``lambda_c``, ``uncertain_fraction``, ``pseudo_mask_fraction``), so ``StatsHandler``,
-``TensorBoardStatsHandler`` and the progress bar show them without knowing the method.
+``TensorBoardStatsHandler`` and the progress bar show them without knowing the method, and diagnostics under
+``diag_*`` (:data:`DIAGNOSTIC_TERMS`: ``L_s`` per net, predicted and true foreground fraction on the labelled
+crops, the teacher, the weights, the contrastive loss against its chance value, and every
+``diagnostics_interval`` iterations the gradient norm each weighted loss sends into each net).
 """
 
 from __future__ import annotations
@@ -45,12 +55,15 @@ from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
 from torch.optim.optimizer import Optimizer
 
+from multicure_monai.engines.diagnostics import loss_gradient_norms
 from multicure_monai.uncertainty import uncertainty_map
 
-__all__ = ["SemiSupervisedTrainer", "LOSS_TERMS"]
+__all__ = ["SemiSupervisedTrainer", "LOSS_TERMS", "TEACHERS", "CONTRASTIVE_ANCHORS"]
 
 LOSS_TERMS = ("loss", "loss_sup", "loss_pseudo", "loss_reg", "loss_unsup", "loss_contrastive")
 _NETWORK_NAMES = ("predictive", "auxiliary")
+TEACHERS = ("predictive", "better", "ema")
+CONTRASTIVE_ANCHORS = ("all", "labelled")
 
 
 def _plain(x: Any) -> Any:
@@ -85,6 +98,17 @@ class SemiSupervisedTrainer(SupervisedTrainer):
             reliable/uncertain split of the contrastive loss).
         contrastive_networks: which networks' features the contrastive loss trains (``"predictive"``,
             ``"auxiliary"``).
+        teacher: ``"predictive"`` (the paper), ``"better"`` (MCF: the net with the lower labelled ``L_s`` of the
+            iteration teaches the other) or ``"ema"`` (``ema_network`` teaches both nets); see the module docstring.
+        ema_network: the EMA teacher for ``teacher="ema"``, e.g. ``torch.optim.swa_utils.AveragedModel(
+            predictive, multi_avg_fn=get_ema_multi_avg_fn(0.99), use_buffers=True)``; updated from the predictive
+            net after every optimizer step.
+        contrastive_anchors: which uncertain voxels eq. 5 pulls to their prototype: ``"all"`` (the paper: on
+            unlabelled images with the teacher's own argmax as their class) or ``"labelled"`` (only the labelled
+            images' uncertain voxels, with their ground truth; unlabelled reliable voxels still build prototypes),
+            so no net is trained on labels of voxels its teacher is unsure of.
+        diagnostics_interval: every this many iterations the output carries the gradient norm each weighted loss
+            term sends into each net (``diag_grad_<term>_<net>``; one extra backward pass per term); 0 disables.
         detach_predictive_in_reg: stop the XOR regularisation's gradient into the predictive net (default). With
             False the regulariser also pulls the teacher towards the student; on the half-resolution LA data
             that feedback collapsed both nets to empty predictions once ``lambda_u`` had ramped up.
@@ -121,6 +145,10 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         contrastive_networks: Sequence[str] = _NETWORK_NAMES,
         detach_predictive_in_reg: bool = True,
         predictive_uses_uncertainty: bool = False,
+        teacher: str = "predictive",
+        ema_network: torch.nn.Module | None = None,
+        contrastive_anchors: str = "all",
+        diagnostics_interval: int = 0,
         supervised_only: bool = False,
         empty_unlabeled: str = "warn",
         channels_last: bool = False,
@@ -138,6 +166,14 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         unknown = set(contrastive_networks) - set(_NETWORK_NAMES)
         if unknown:
             raise ValueError(f"contrastive_networks must be among {_NETWORK_NAMES}, got {sorted(unknown)}.")
+        if teacher not in TEACHERS:
+            raise ValueError(f"teacher must be one of {TEACHERS}, got {teacher!r}.")
+        if teacher == "ema" and ema_network is None:
+            raise ValueError("teacher='ema' needs an ema_network (e.g. torch.optim.swa_utils.AveragedModel).")
+        if contrastive_anchors not in CONTRASTIVE_ANCHORS:
+            raise ValueError(f"contrastive_anchors must be one of {CONTRASTIVE_ANCHORS}, got {contrastive_anchors!r}.")
+        if diagnostics_interval < 0:
+            raise ValueError(f"diagnostics_interval must be >= 0, got {diagnostics_interval}.")
         if empty_unlabeled not in ("warn", "error"):
             raise ValueError(f"empty_unlabeled must be 'warn' or 'error', got {empty_unlabeled!r}.")
         super().__init__(
@@ -160,6 +196,10 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         self.contrastive_networks = tuple(contrastive_networks)
         self.detach_predictive_in_reg = detach_predictive_in_reg
         self.predictive_uses_uncertainty = predictive_uses_uncertainty
+        self.teacher = teacher
+        self.ema_network = ema_network
+        self.contrastive_anchors = contrastive_anchors
+        self.diagnostics_interval = int(diagnostics_interval)
         self.memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
 
         if not supervised_only:
@@ -238,6 +278,11 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         autocast = self.amp and torch.device(engine.state.device).type == "cuda"
         with torch.autocast("cuda", enabled=autocast, **(self.amp_kwargs if autocast else {})):
             terms = self._compute_losses(x, y_l, n_l, lambda_c, use_contrastive)
+        weighted = terms.pop("_weighted")
+        interval = self.diagnostics_interval
+        if interval and engine.state.iteration % interval == 0:
+            nets = {"predictive": self.network, "auxiliary": self.aux_network}
+            terms.update(loss_gradient_norms(weighted, nets, prefix="diag_grad_"))
         engine.state.output.update(terms)
         engine.state.output[Keys.PRED] = terms.pop("_pred")
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
@@ -254,6 +299,9 @@ class SemiSupervisedTrainer(SupervisedTrainer):
             loss.backward()
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
             self.optimizer.step()
+        if self.teacher == "ema":
+            assert self.ema_network is not None
+            self.ema_network.update_parameters(_unwrap(self.network))
         engine.state.output.pop("_pred", None)
         for key in LOSS_TERMS:
             if key in engine.state.output:
@@ -293,40 +341,75 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         logits_p, feats_p = self._forward(self.network, x, pred_uncertainty, want_p)
         probs_p = torch.softmax(logits_p.float(), dim=1)
         with torch.no_grad():
-            conf_p, argmax_p = probs_p.detach().max(dim=1, keepdim=True)
-            unc = (conf_p < self.uncertainty_threshold).to(probs_p.dtype)
+            unc = (probs_p.detach().amax(dim=1, keepdim=True) < self.uncertainty_threshold).to(probs_p.dtype)
         logits_a, feats_a = self._forward(self.aux_network, x, unc, want_a)
         probs_a = torch.softmax(logits_a.float(), dim=1)
 
         labels = y_l.long()
-        loss_sup = self.loss_function(logits_p[:n_l].float(), labels).mean() + self.loss_function(
-            logits_a[:n_l].float(), labels
-        ).mean()
+        sup_p = self.loss_function(logits_p[:n_l].float(), labels).mean()
+        sup_a = self.loss_function(logits_a[:n_l].float(), labels).mean()
+        loss_sup = sup_p + sup_a
         zero = loss_sup.new_zeros(())
         loss_pseudo, loss_reg, loss_contrastive = zero, zero, zero
         pseudo_fraction = zero
+        teacher_index = 0  # 0: predictive, 1: auxiliary, 2: EMA
+        diag: dict[str, Any] = {}
         if not self.supervised_only:
-            if self.pseudo_label_loss is not None:
-                loss_pseudo = self.pseudo_label_loss(logits_a[n_l:].float(), probs_p[n_l:].detach())
-                fraction = getattr(self.pseudo_label_loss, "last_mask_fraction", None)
-                if fraction is not None:
-                    pseudo_fraction = torch.as_tensor(float(fraction))
-            if self.regularization_loss is not None and self.lambda_reg > 0:
-                teacher = probs_p[n_l:].detach() if self.detach_predictive_in_reg else probs_p[n_l:]
-                loss_reg = self.regularization_loss(probs_a[n_l:], teacher)
+            teacher_probs, students = self._teacher(x, n_l, probs_p, probs_a, logits_p, logits_a, sup_p, sup_a)
+            teacher_index = {"predictive": 0, "better": int(bool(sup_a < sup_p)), "ema": 2}[self.teacher]
+            teacher_u = teacher_probs[n_l:]
+            fractions = []
+            for s_logits, s_probs in students:
+                if self.pseudo_label_loss is not None:
+                    loss_pseudo = loss_pseudo + self.pseudo_label_loss(s_logits[n_l:].float(), teacher_u)
+                    fraction = getattr(self.pseudo_label_loss, "last_mask_fraction", None)
+                    if fraction is not None:
+                        fractions.append(float(fraction))
+                if self.regularization_loss is not None and self.lambda_reg > 0:
+                    # detach_predictive_in_reg=False (MCF's mutual correction) is only defined for the paper's teacher
+                    target = teacher_u if self.detach_predictive_in_reg or self.teacher != "predictive" else probs_p[n_l:]
+                    loss_reg = loss_reg + self.regularization_loss(s_probs[n_l:], target)
+            if fractions:
+                pseudo_fraction = torch.as_tensor(sum(fractions) / len(fractions))
             if use_contrastive:
                 assert self.contrastive_loss is not None
-                contrast_labels = torch.cat([labels.to(argmax_p.dtype), argmax_p[n_l:]], dim=0)
-                reliable = conf_p > self.uncertainty_threshold
+                conf_t, argmax_t = teacher_probs.max(dim=1, keepdim=True)
+                contrast_labels = torch.cat([labels.to(argmax_t.dtype), argmax_t[n_l:]], dim=0)
+                reliable = conf_t > self.uncertainty_threshold
                 uncertain = ~reliable
+                if self.contrastive_anchors == "labelled":
+                    uncertain[n_l:] = False
+                contrast_terms, chance = zero, 0.0
                 for feats in (feats_p, feats_a):
                     if feats is not None:
                         loss_contrastive = loss_contrastive + self.contrastive_loss(
                             feats, contrast_labels, reliable, uncertain
                         )
+                        part = getattr(self.contrastive_loss, "last_contrast", None)
+                        if part is not None:
+                            contrast_terms = contrast_terms + part
+                            chance += float(getattr(self.contrastive_loss, "last_chance", 0.0))
+                diag["diag_contrastive_eq5"] = contrast_terms.detach()
+                diag["diag_contrastive_chance"] = torch.as_tensor(chance)
         loss_unsup = loss_pseudo + self.lambda_reg * loss_reg
         lambda_u = _weight_at(self.lambda_u, self.state.iteration)
         loss = loss_sup + lambda_u * loss_unsup + lambda_c * loss_contrastive
+        with torch.no_grad():
+            fg_label = (labels != 0).float().mean()
+            fg_p = (logits_p[:n_l].argmax(dim=1) != 0).float().mean()
+            fg_a = (logits_a[:n_l].argmax(dim=1) != 0).float().mean()
+        diag.update(
+            {
+                "diag_loss_sup_predictive": sup_p.detach(),
+                "diag_loss_sup_auxiliary": sup_a.detach(),
+                "diag_fg_label": fg_label,
+                "diag_fg_predictive": fg_p,
+                "diag_fg_auxiliary": fg_a,
+                "diag_teacher": torch.as_tensor(float(teacher_index)),
+                "diag_lambda_u": torch.as_tensor(lambda_u),
+                "diag_pseudo_mask_fraction": pseudo_fraction,
+            }
+        )
         return {
             Keys.LOSS: loss,
             "loss_sup": loss_sup,
@@ -338,7 +421,37 @@ class SemiSupervisedTrainer(SupervisedTrainer):
             "uncertain_fraction": unc.mean(),
             "pseudo_mask_fraction": pseudo_fraction,
             "_pred": logits_p[:n_l].detach(),
+            "_weighted": {
+                "sup_predictive": sup_p,
+                "sup_auxiliary": sup_a,
+                "pseudo": lambda_u * loss_pseudo,
+                "reg": lambda_u * self.lambda_reg * loss_reg,
+                "contrastive": lambda_c * loss_contrastive,
+            },
+            **diag,
         }
+
+    def _teacher(
+        self,
+        x: torch.Tensor,
+        n_l: int,
+        probs_p: torch.Tensor,
+        probs_a: torch.Tensor,
+        logits_p: torch.Tensor,
+        logits_a: torch.Tensor,
+        sup_p: torch.Tensor,
+        sup_a: torch.Tensor,
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Detached teacher probabilities ``(B, C, *S)`` and the students' ``(logits, probs)``."""
+        if self.teacher == "ema":
+            assert self.ema_network is not None
+            with torch.no_grad():
+                self.ema_network.train()
+                teacher = torch.softmax(self.ema_network(x).float(), dim=1)
+            return teacher, [(logits_p, probs_p), (logits_a, probs_a)]
+        if self.teacher == "better" and bool(sup_a.detach() < sup_p.detach()):
+            return probs_a.detach(), [(logits_p, probs_p)]
+        return probs_p.detach(), [(logits_a, probs_a)]
 
     @staticmethod
     def _forward(
@@ -351,6 +464,11 @@ class SemiSupervisedTrainer(SupervisedTrainer):
             logits, feats = net(x, return_features=True, **kwargs)
             return logits, list(feats)
         return net(x, **kwargs), None
+
+
+def _unwrap(net: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a ``DistributedDataParallel`` wrapper (the EMA teacher averages plain parameters)."""
+    return net.module if isinstance(net, torch.nn.parallel.DistributedDataParallel) else net
 
 
 def _weight_at(weight: float | Callable[[int], float], iteration: int) -> float:

@@ -34,6 +34,7 @@ NT-Xent between two views), so this is written here.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -79,7 +80,10 @@ class PrototypeContrastiveLoss(nn.Module):
 
     After every call, for logging: ``last_num_uncertain`` (int, uncertain voxels used, summed over levels),
     ``last_num_prototypes`` (int, prototypes at the first level) and ``last_level_stats`` (list of dicts with
-    ``num_uncertain`` / ``num_prototypes`` / ``num_reliable`` per level).
+    ``num_uncertain`` / ``num_prototypes`` / ``num_reliable`` per level), ``last_contrast`` and
+    ``last_separation`` (detached level-weighted sums of the eq. 5 and separation terms, ``None`` when no level
+    contributed) and ``last_chance`` (the eq. 5 sum when every uncertain voxel is equally similar to all
+    prototypes, ``sum_l w_l log P_l``, ``denominator="all"`` only): a learned loss falls below it.
 
     Example:
         >>> loss_fn = PrototypeContrastiveLoss(num_classes=2)
@@ -124,6 +128,9 @@ class PrototypeContrastiveLoss(nn.Module):
         self.last_num_uncertain: int = 0
         self.last_num_prototypes: int = 0
         self.last_level_stats: list[dict[str, int]] = []
+        self.last_contrast: Tensor | None = None
+        self.last_separation: Tensor | None = None
+        self.last_chance: float = 0.0
 
     def forward(
         self, features: Tensor | Sequence[Tensor], labels: Tensor, reliable: Tensor, uncertain: Tensor
@@ -165,23 +172,35 @@ class PrototypeContrastiveLoss(nn.Module):
         total: Tensor | None = None
         self.last_num_uncertain = 0
         self.last_level_stats = []
+        self.last_contrast, self.last_separation, self.last_chance = None, None, 0.0
         for level, feat in enumerate(feats):
             weight = 1.0 if self.level_weights is None else self.level_weights[level]
-            level_loss, stats = self._level_loss(feat, labels, reliable, uncertain)
+            terms, stats = self._level_loss(feat, labels, reliable, uncertain)
             self.last_level_stats.append(stats)
             self.last_num_uncertain += stats["num_uncertain"]
-            if level_loss is not None:
+            if terms is not None:
+                contrast, separation = terms
+                level_loss = contrast + self.separation_weight * separation
                 total = weight * level_loss if total is None else total + weight * level_loss
+                self._log_terms(weight, contrast.detach(), separation.detach(), stats["num_prototypes"])
         self.last_num_prototypes = self.last_level_stats[0]["num_prototypes"]
         if total is None:
             # graph-connected zero; mean in float32 so large half-precision features cannot overflow to inf*0 = NaN
             total = sum(f.float().mean() for f in feats) * 0.0
         return total
 
+    def _log_terms(self, weight: float, contrast: Tensor, separation: Tensor, num_protos: int) -> None:
+        """Accumulate the level-weighted eq. 5 term, the separation term and the eq. 5 chance value."""
+        self.last_contrast = weight * contrast if self.last_contrast is None else self.last_contrast + weight * contrast
+        sep = weight * separation
+        self.last_separation = sep if self.last_separation is None else self.last_separation + sep
+        if self.denominator == "all":  # eq. 5 of a voxel equally similar to every prototype: log(P)
+            self.last_chance += weight * math.log(num_protos)
+
     def _level_loss(
         self, feat: Tensor, labels: Tensor, reliable: Tensor, uncertain: Tensor
-    ) -> tuple[Tensor | None, dict[str, int]]:
-        """Loss of one level (``None`` when it contributes nothing) and its logging stats."""
+    ) -> tuple[tuple[Tensor, Tensor] | None, dict[str, int]]:
+        """Eq. 5 and separation terms of one level (``None`` when it contributes nothing), and logging stats."""
         size = feat.shape[2:]
         lab = _resize_to(labels, size).round().long().flatten()  # (N,)
         valid = (lab >= 0) & (lab < self.num_classes)
@@ -248,4 +267,4 @@ class PrototypeContrastiveLoss(nn.Module):
         iu = torch.triu_indices(num_protos, num_protos, offset=1, device=f.device)
         cos_pairs = (protos @ protos.t())[iu[0], iu[1]]
         separation = ((1.0 + cos_pairs) / 2.0).mean()
-        return contrast + self.separation_weight * separation, stats
+        return (contrast, separation), stats

@@ -16,7 +16,9 @@ import torch.nn as nn
 
 from multicure_monai.uncertainty import uncertainty_map
 
-__all__ = ["DualNetworkEnsemble"]
+__all__ = ["DualNetworkEnsemble", "MEMBER_NAMES", "split_members"]
+
+MEMBER_NAMES = ("ensemble", "predictive", "auxiliary")
 
 
 class DualNetworkEnsemble(nn.Module):
@@ -37,6 +39,11 @@ class DualNetworkEnsemble(nn.Module):
         uncertainty_threshold: confidence threshold of the uncertainty map.
         weights: non-negative mixture weights ``(w_predictive, w_auxiliary)``, normalised to sum to 1.
         eps: lower clamp of the mixture before the log.
+        return_members: also return each net's log-probabilities (see above).
+
+    With ``return_members=True`` (validation that scores each net next to the ensemble in one sliding-window
+    pass) the output is ``(B, 3N, H, W, D)``: the ensemble's, the predictive net's and the auxiliary net's
+    log-probabilities, in that order; both nets always run. :func:`split_members` takes it apart.
 
     State dict keys are ``predictive.*`` and ``auxiliary.*``, so the two trained networks' state dicts load with
     a prefix.
@@ -49,6 +56,7 @@ class DualNetworkEnsemble(nn.Module):
         uncertainty_threshold: float = 0.7,
         weights: Sequence[float] = (0.5, 0.5),
         eps: float = 1e-8,
+        return_members: bool = False,
     ) -> None:
         super().__init__()
         if len(weights) != 2:
@@ -62,6 +70,7 @@ class DualNetworkEnsemble(nn.Module):
         self.uncertainty_threshold = float(uncertainty_threshold)
         self.weights = (w[0] / total, w[1] / total)
         self.eps = float(eps)
+        self.return_members = bool(return_members)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Ensemble prediction.
@@ -74,6 +83,10 @@ class DualNetworkEnsemble(nn.Module):
         """
         w_pred, w_aux = self.weights
         p = torch.softmax(self.predictive(x), dim=1)
+        if self.return_members:
+            a = torch.softmax(self.auxiliary(x, uncertainty_map(p, self.uncertainty_threshold)), dim=1)
+            mixed = [w_pred * p + w_aux * a, p, a]
+            return torch.log(torch.cat(mixed, dim=1).clamp_min(self.eps))
         if w_aux == 0.0:
             mix = p
         else:
@@ -81,3 +94,18 @@ class DualNetworkEnsemble(nn.Module):
             a = torch.softmax(self.auxiliary(x, unc), dim=1)
             mix = a if w_pred == 0.0 else w_pred * p + w_aux * a
         return torch.log(mix.clamp_min(self.eps))
+
+
+def split_members(output: torch.Tensor, dim: int = 0) -> dict[str, torch.Tensor]:
+    """Split a ``return_members=True`` output into ``{"ensemble", "predictive", "auxiliary"}`` parts.
+
+    Args:
+        output: ``(3N, *S)`` (one decollated case, ``dim=0``) or ``(B, 3N, *S)`` (``dim=1``).
+        dim: the channel dimension.
+
+    Raises:
+        ValueError: if the channel count is not a multiple of 3.
+    """
+    if output.shape[dim] % 3:
+        raise ValueError(f"expected 3N channels along dim {dim}, got shape {tuple(output.shape)}.")
+    return dict(zip(MEMBER_NAMES, torch.chunk(output, 3, dim=dim)))

@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from ignite.engine import Events
 from monai.losses import DiceCELoss
 from torch import nn
 from torch.utils.data import DataLoader
@@ -198,3 +199,126 @@ def test_lambda_u_may_be_a_schedule_of_the_iteration() -> None:
     out = trainer.state.output
     assert seen == [1, 2]
     torch.testing.assert_close(out["loss"], out["loss_sup"])
+
+
+def _batch() -> tuple[torch.Tensor, torch.Tensor]:
+    x_l = torch.stack([d["image"] for d in _labelled()[:2]])
+    y_l = torch.stack([d["label"] for d in _labelled()[:2]])
+    return torch.cat([x_l, torch.randn(2, 1, SIZE, SIZE, SIZE)]), y_l
+
+
+def _pseudo_grads(trainer: SemiSupervisedTrainer, sup_p: float, sup_a: float) -> tuple[float, float]:
+    """Gradient mass the pseudo-label term sends into (predictive, auxiliary), with the nets' L_s faked."""
+    x, y_l = _batch()
+    trainer.state.device = torch.device("cpu")
+    trainer.regularization_loss = None
+    trainer.contrastive_loss = None
+    losses = iter([torch.tensor(sup_p), torch.tensor(sup_a)])
+    trainer.loss_function = lambda logits, labels: next(losses) + logits.sum() * 0
+    terms = trainer._compute_losses(x, y_l, 2, lambda_c=0.0, use_contrastive=False)
+    terms["loss"].backward()
+    mass = [
+        float(sum(p.grad.abs().sum() for p in net.parameters() if p.grad is not None))
+        for net in (trainer.network, trainer.aux_network)
+    ]
+    return mass[0], mass[1]
+
+
+@pytest.mark.parametrize(
+    "teacher, sup_p, sup_a, trains_predictive, trains_auxiliary, teacher_index",
+    [
+        ("predictive", 1.0, 0.5, False, True, 0),  # the paper: the V-Net teaches whatever the losses
+        ("better", 1.0, 0.5, True, False, 1),  # MCF: the auxiliary net has the lower L_s, so it teaches
+        ("better", 0.5, 1.0, False, True, 0),
+        ("ema", 1.0, 0.5, True, True, 2),  # the EMA teacher trains both nets
+    ],
+)
+def test_teacher_choice_decides_which_net_learns_from_pseudo_labels(
+    teacher: str, sup_p: float, sup_a: float, trains_predictive: bool, trains_auxiliary: bool, teacher_index: int
+) -> None:
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    ema = AveragedModel(TinySegNet(), multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    trainer = _trainer(iterations=1, teacher=teacher, ema_network=ema if teacher == "ema" else None)
+    grad_p, grad_a = _pseudo_grads(trainer, sup_p, sup_a)
+    assert (grad_p > 0) == trains_predictive
+    assert (grad_a > 0) == trains_auxiliary
+
+
+@pytest.mark.parametrize("teacher", ["predictive", "better"])
+def test_teacher_index_is_logged(teacher: str) -> None:
+    trainer = _trainer(iterations=1, teacher=teacher)
+    x, y_l = _batch()
+    trainer.state.device = torch.device("cpu")
+    losses = iter([torch.tensor(1.0), torch.tensor(0.5)])
+    trainer.loss_function = lambda logits, labels: next(losses) + logits.sum() * 0
+    terms = trainer._compute_losses(x, y_l, 2, lambda_c=0.0, use_contrastive=False)
+    assert float(terms["diag_teacher"]) == (1.0 if teacher == "better" else 0.0)
+
+
+def test_ema_teacher_follows_the_predictive_net() -> None:
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    trainer = _trainer(iterations=3)
+    trainer.teacher = "ema"  # the EMA copy needs the trainer's own predictive net
+    trainer.ema_network = AveragedModel(trainer.network, multi_avg_fn=get_ema_multi_avg_fn(0.5), use_buffers=True)
+    start = [p.detach().clone() for p in trainer.ema_network.module.parameters()]
+    trainer.run()
+    ema = list(trainer.ema_network.module.parameters())
+    net = list(trainer.network.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(ema, start))  # it moved ...
+    assert all(float((e - n).abs().max()) <= float((s - n).abs().max()) + 1e-7 for e, s, n in zip(ema, start, net))
+
+
+def test_ema_teacher_needs_a_network() -> None:
+    with pytest.raises(ValueError, match="ema_network"):
+        _trainer(teacher="ema")
+
+
+@pytest.mark.parametrize("anchors, unlabelled_anchors", [("all", True), ("labelled", False)])
+def test_contrastive_anchors_switch(anchors: str, unlabelled_anchors: bool) -> None:
+    seen: list[torch.Tensor] = []
+
+    class Recording(nn.Module):
+        def forward(self, features, labels, reliable, uncertain):
+            seen.append(uncertain.clone())
+            return features[0].sum() * 0
+
+    trainer = _trainer(iterations=1, contrastive_anchors=anchors, contrastive_loss=Recording())
+    x, y_l = _batch()
+    trainer.state.device = torch.device("cpu")
+    # an untrained teacher is unsure almost everywhere, so both halves of the batch hold uncertain voxels
+    trainer.uncertainty_threshold = 0.99
+    trainer._compute_losses(x, y_l, 2, lambda_c=1.0, use_contrastive=True)
+    assert len(seen) == 2  # one call per net
+    for uncertain in seen:
+        assert bool(uncertain[:2].any())
+        assert bool(uncertain[2:].any()) == unlabelled_anchors
+
+
+def test_diagnostics_every_interval() -> None:
+    trainer = _trainer(iterations=4, diagnostics_interval=2)
+    grads_at: list[int] = []
+    trainer.add_event_handler(
+        Events.ITERATION_COMPLETED,
+        lambda e: grads_at.append(e.state.iteration) if "diag_grad_sup_predictive_predictive" in e.state.output else None,
+    )
+    trainer.run()
+    out = trainer.state.output
+    assert grads_at == [2, 4]
+    for key in ("diag_loss_sup_predictive", "diag_loss_sup_auxiliary", "diag_fg_predictive", "diag_fg_auxiliary",
+                "diag_fg_label", "diag_pseudo_mask_fraction", "diag_teacher", "diag_lambda_u"):  # fmt: skip
+        assert key in out and torch.isfinite(torch.as_tensor(out[key])), key
+    torch.testing.assert_close(out["loss_sup"], out["diag_loss_sup_predictive"] + out["diag_loss_sup_auxiliary"])
+    # a net's supervised loss reaches only that net; the detached teacher gets no pseudo-label gradient
+    assert float(out["diag_grad_sup_predictive_auxiliary"]) == 0.0
+    assert float(out["diag_grad_sup_auxiliary_predictive"]) == 0.0
+    assert float(out["diag_grad_sup_predictive_predictive"]) > 0.0
+    assert float(out["diag_grad_pseudo_predictive"]) == 0.0
+
+
+@pytest.mark.parametrize("kwargs, message", [({"teacher": "student"}, "teacher"), ({"contrastive_anchors": "x"}, "anchors"),
+                                             ({"diagnostics_interval": -1}, "diagnostics_interval")])  # fmt: skip
+def test_invalid_new_switches_are_rejected(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        _trainer(**kwargs)

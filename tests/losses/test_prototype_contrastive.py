@@ -281,3 +281,34 @@ def test_validation() -> None:
         PrototypeContrastiveLoss(2, level_weights=[1.0, 1.0])(feats, labels, reliable, uncertain)
     with pytest.raises(ValueError, match="share one shape"):
         PrototypeContrastiveLoss(2)(feats, labels, reliable[..., :3, :], uncertain)
+
+
+@pytest.mark.parametrize("levels", [1, 2])
+def test_learned_below_chance_on_a_separable_toy(levels: int) -> None:
+    """A small conv net trained on the loss alone brings eq. 5 of the uncertain (boundary) voxels far below its
+    chance value log(P) within a few steps, and ``last_contrast`` / ``last_chance`` report it."""
+    torch.manual_seed(0)
+    size = 16
+    zz, yy, xx = torch.meshgrid(*(torch.arange(size, dtype=torch.float32),) * 3, indexing="ij")
+    r = ((zz - 7.5) ** 2 + (yy - 7.5) ** 2 + (xx - 7.5) ** 2).sqrt()
+    labels = (r < 5.0).long()[None, None]
+    image = labels.float() + 0.3 * torch.randn(1, 1, size, size, size)
+    band = ((r - 5.0).abs() < 1.0)[None, None]  # the boundary: "uncertain"
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv3d(8, 8, 1))
+    loss_fn = PrototypeContrastiveLoss(num_classes=2, separation_weight=1.0)
+    opt = torch.optim.Adam(net.parameters(), lr=0.01)
+
+    def step() -> tuple[float, float]:
+        feat = net(image)
+        feats = [feat] if levels == 1 else [feat, torch.nn.functional.avg_pool3d(feat, 2)]
+        loss = loss_fn(feats, labels, ~band, band)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return float(loss_fn.last_contrast), loss_fn.last_chance
+
+    first, chance = step()
+    assert chance == pytest.approx(levels * math.log(2))
+    for _ in range(30):
+        last, _ = step()
+    assert last < 0.25 * chance < first

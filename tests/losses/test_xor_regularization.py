@@ -81,3 +81,58 @@ def test_validation() -> None:
         XORRegularizationLoss("max")
     with pytest.raises(ValueError, match="same shape"):
         XORRegularizationLoss()(torch.rand(1, 2, 4, 4), torch.rand(1, 2, 4, 5))
+
+
+@pytest.mark.parametrize(
+    "normalization, threshold, expected",
+    [
+        ("xor", None, 0.7),  # the paper: (1.0 + 0.4) / 2 disagreeing voxels
+        ("voxels", None, 0.35),  # (1.0 + 0.4) / 4 voxels
+        ("xor", 0.65, 1.0),  # teacher B's confidences are [0.8, 0.7, 0.6, 0.9]: voxel 2 drops out
+        ("voxels", 0.65, 1.0 / 3),  # ... and 3 confident voxels are the denominator
+    ],
+)
+def test_normalization_and_confidence_mask(normalization: str, threshold: float | None, expected: float) -> None:
+    loss = XORRegularizationLoss(normalization=normalization, confidence_threshold=threshold)(A, B)
+    assert float(loss) == pytest.approx(expected, abs=1e-6)
+
+
+def _crop(xor_fraction: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A 32x32x24 crop with a 19 % foreground ball, student logits, teacher probabilities disagreeing on
+    ``xor_fraction`` of the voxels (a trained pair: confident, mostly right)."""
+    g = torch.Generator().manual_seed(0)
+    zz, yy, xx = torch.meshgrid(*(torch.arange(n, dtype=torch.float32) for n in (32, 32, 24)), indexing="ij")
+    r = ((zz - 15.5) ** 2 + (yy - 15.5) ** 2 + (xx - 11.5) ** 2).sqrt()
+    label = (r < 10.55).long()  # ~19 % of the voxels
+    margin = (r - 10.55).abs()
+    flip = torch.rand(label.shape, generator=g) < xor_fraction
+    sign = (2 * label - 1).float()
+    student = torch.stack([-sign, sign]) * (1.0 + margin)  # (2, H, W, D) logits, confident away from the edge
+    teacher_sign = torch.where(flip, -sign, sign)
+    teacher = torch.softmax(torch.stack([-teacher_sign, teacher_sign]) * 2.0, dim=0)
+    return student[None].requires_grad_(True), teacher[None], label[None, None]
+
+
+@pytest.mark.parametrize("xor_fraction", [0.005, 0.027])
+def test_gradient_against_the_supervised_loss(xor_fraction: float) -> None:
+    """The paper's XOR mean outgrows one net's L_s as the nets agree; the voxel-normalised, confidence-masked
+    form stays at the supervised loss's scale."""
+    from monai.losses import DiceCELoss
+
+    logits, teacher, label = _crop(xor_fraction)
+    (g_sup,) = torch.autograd.grad(DiceCELoss(to_onehot_y=True, softmax=True)(logits, label), logits)
+    ratios = {}
+    for normalization in ("xor", "voxels"):
+        reg = XORRegularizationLoss(normalization=normalization, confidence_threshold=0.7)
+        (g_reg,) = torch.autograd.grad(reg(torch.softmax(logits, dim=1), teacher), logits)
+        ratios[normalization] = float(g_reg.norm() / g_sup.norm())
+    assert ratios["voxels"] < 1.0
+    assert ratios["xor"] > 2.0  # ~5x at 2.7 % XOR voxels, ~11x at 0.5 %
+    assert ratios["xor"] / ratios["voxels"] == pytest.approx(1 / xor_fraction, rel=0.3)
+
+
+def test_invalid_normalization_and_threshold() -> None:
+    with pytest.raises(ValueError, match="normalization"):
+        XORRegularizationLoss(normalization="batch")
+    with pytest.raises(ValueError, match="confidence_threshold"):
+        XORRegularizationLoss(confidence_threshold=1.0)

@@ -93,3 +93,32 @@ def test_with_real_networks():
     new = DualNetworkEnsemble(VNet(features=4), ResNetVNet(features=(4, 8, 8, 16, 16), layers=(1, 1, 1, 1)))
     new.load_state_dict(ens.state_dict())
     new.predictive.load_state_dict(pred.state_dict())
+
+
+@pytest.mark.parametrize("weights", [(0.5, 0.5), (1.0, 0.0), (0.0, 1.0)])
+def test_members_output_holds_ensemble_and_each_net(weights):
+    from multicure_monai.data.member_outputs import SplitMembersd
+    from multicure_monai.networks.ensemble import split_members
+
+    pred, aux, x = _pair()
+    plain = DualNetworkEnsemble(pred, aux, weights=weights)(x)
+    out = DualNetworkEnsemble(pred, aux, weights=weights, return_members=True)(x)
+    assert out.shape == (2, 9, 4, 5, 6)
+    parts = split_members(out, dim=1)
+    torch.testing.assert_close(parts["ensemble"], plain)
+    torch.testing.assert_close(parts["predictive"].exp(), torch.softmax(pred.logits, 1))
+    # the auxiliary net always runs, fed with the predictive net's uncertainty map
+    expected_unc = uncertainty_map(torch.softmax(pred.logits, 1), 0.7)
+    torch.testing.assert_close(aux.calls[-1], expected_unc)
+    torch.testing.assert_close(parts["auxiliary"].exp(), torch.softmax(aux.logits, 1))
+    item = SplitMembersd(keys="pred")({"pred": out[0], "label": torch.zeros(1, 4, 5, 6)})
+    torch.testing.assert_close(item["pred"], plain[0])
+    torch.testing.assert_close(item["pred_auxiliary"], parts["auxiliary"][0])
+    assert set(item) == {"pred", "pred_predictive", "pred_auxiliary", "label"}
+
+
+def test_split_members_needs_three_parts():
+    from multicure_monai.networks.ensemble import split_members
+
+    with pytest.raises(ValueError, match="3N channels"):
+        split_members(torch.zeros(4, 2, 2))

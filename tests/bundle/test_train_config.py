@@ -1,0 +1,54 @@
+"""train.yaml's method switches, parsed as the bundle runs them (no training)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from monai.bundle import ConfigParser
+
+CONFIGS = Path(__file__).resolve().parents[2] / "bundle" / "configs"
+
+
+def _parser(**overrides) -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / name) for name in ("train.yaml", "la.yaml", "la_half.yaml")])
+    parser.update({"bundle_root": "/nonexistent", "device": "$torch.device('cpu')", **overrides})
+    return parser
+
+
+@pytest.mark.parametrize("weight", ["unsupervised_weight", "contrastive_weight"])
+def test_ramps_do_not_depend_on_the_run_length(weight: str) -> None:
+    short = _parser(max_iterations=300).get_parsed_content(weight)
+    long = _parser(max_iterations=6000).get_parsed_content(weight)
+    for t in (1, 50, 100, 199, 200, 300, 6000):
+        assert short(t) == long(t)
+    assert short(1) < 0.01 * short(200)  # a ramp-up ...
+    assert short(200) == short(6000)  # ... that is flat after rampup_iterations
+
+
+def test_validation_scores_each_net_next_to_the_ensemble() -> None:
+    parser = _parser()
+    assert set(parser.get_parsed_content("validate#key_metric")) == {"val_mean_dice"}
+    additional = set(parser.get_parsed_content("validate#additional_metrics"))
+    for net in ("", "predictive_", "auxiliary_"):
+        for metric in ("mean_dice", "jaccard", "hd95", "asd"):
+            if net or metric != "mean_dice":
+                assert f"val_{net}{metric}" in additional
+
+
+@pytest.mark.parametrize("teacher, has_ema", [("predictive", False), ("better", False), ("ema", True)])
+def test_ema_teacher_is_checkpointed(teacher: str, has_ema: bool) -> None:
+    parser = _parser(teacher=teacher, roi_size=[32, 32, 32])
+    keys = set(parser.get_parsed_content("checkpoint_dict"))
+    assert keys >= {"network", "aux_network", "optimizer", "lr_scheduler", "model_saver"}
+    assert ("ema_network" in keys) == has_ema
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [({}, ("voxels", 0.7)), ({"reg_normalization": "xor", "reg_confidence_threshold": None}, ("xor", None))],
+)
+def test_regularization_switches(override: dict, expected: tuple) -> None:
+    reg = _parser(**override).get_parsed_content("regularization_loss")
+    assert (reg.normalization, reg.confidence_threshold) == expected
