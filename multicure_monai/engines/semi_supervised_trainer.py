@@ -37,7 +37,7 @@ The engine's output dict carries ``image``, ``label``, ``pred`` (predictive logi
 ``loss`` and every term (``loss_sup``, ``loss_pseudo``, ``loss_reg``, ``loss_unsup``, ``loss_contrastive``,
 ``lambda_c``, ``uncertain_fraction``, ``pseudo_mask_fraction``), so ``StatsHandler``,
 ``TensorBoardStatsHandler`` and the progress bar show them without knowing the method, and diagnostics under
-``diag_*`` (:data:`DIAGNOSTIC_TERMS`: ``L_s`` per net, predicted and true foreground fraction on the labelled
+``diag_*`` (``L_s`` per net, predicted and true foreground fraction on the labelled
 crops, the teacher, the weights, the contrastive loss against its chance value, and every
 ``diagnostics_interval`` iterations the gradient norm each weighted loss sends into each net).
 """
