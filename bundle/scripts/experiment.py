@@ -47,8 +47,12 @@ EVAL_CONFIGS = [*TRAIN_CONFIGS, "bundle/configs/evaluate.yaml"]
 ARMS: dict[str, list[str]] = {
     "sup": ["--supervised_only", "True"],  # both nets on labelled crops only
     "bn_control": ["--lambda_u", "0", "--lambda_c", "0"],  # unlabelled crops in the batch, no unsupervised loss
-    "mcf": ["--use_multicure", "False", "--use_contrastive", "False"],  # MCF-style two-net baseline
+    # MCF-style two-net baseline: no MultiCURE, no contrastive loss, the better net of each iteration teaches
+    "mcf": ["--use_multicure", "False", "--use_contrastive", "False", "--teacher", "better"],
     "full": [],  # the full method, bundle defaults
+    # the full method with the paper's reading of every switch (bundle/docs/README.md, "Method switches")
+    "paper": ["--teacher", "predictive", "--reg_normalization", "xor", "--reg_confidence_threshold", "None",
+              "--rampup_iterations", "@max_iterations", "--contrastive_anchors", "all"],  # fmt: skip
 }
 
 
