@@ -1,4 +1,4 @@
-"""Training diagnostics of the two-network method: per-loss gradient norms and a collapse guard.
+"""Training diagnostics of the two-network method: per-loss gradient norms, a collapse guard, a NaN/Inf guard.
 
 A semi-supervised run can fail quietly: one loss term outgrows the supervised one, or a net drifts to predicting
 background everywhere while the ensemble still validates. :func:`loss_gradient_norms` measures how hard each
@@ -9,13 +9,14 @@ labelled crops. Neither exists in MONAI or ignite, so both are written here.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
 
-__all__ = ["loss_gradient_norms", "CollapseGuard"]
+__all__ = ["loss_gradient_norms", "check_finite_losses", "CollapseGuard"]
 
 
 def loss_gradient_norms(
@@ -50,6 +51,31 @@ def loss_gradient_norms(
             norm = torch.linalg.vector_norm(torch.stack([g.float().norm() for g in chunk])) if chunk else None
             out[f"{prefix}{term_name}_{net_name}"] = torch.zeros(()) if norm is None else norm.detach()
     return out
+
+
+def check_finite_losses(terms: Mapping[str, Any], iteration: int, names: Sequence[str]) -> None:
+    """Stop before the optimizer step when the loss is NaN/Inf, naming the term(s) and the iteration.
+
+    The weights are left as they were after the previous (good) iteration, so no checkpoint handler can write NaN
+    weights; the raised ``FloatingPointError`` ends the run through ignite's exception event.
+
+    Args:
+        terms: the engine output; ``terms[names[0]]`` is the total loss, the other names its terms.
+        iteration: the current iteration, for the message.
+        names: the total loss's key, then the keys of its terms.
+
+    Raises:
+        FloatingPointError: if the total loss is not finite.
+    """
+    if bool(torch.isfinite(terms[names[0]].detach())):
+        return
+    values = {k: float(terms[k].detach()) for k in names if k in terms}
+    bad = [k for k in names[1:] if k in values and not math.isfinite(values[k])]
+    listed = ", ".join(f"{k}={values[k]}" for k in bad) or f"{names[0]}={values[names[0]]}"
+    raise FloatingPointError(
+        f"non-finite loss at iteration {iteration}: {listed}; the step was skipped and the weights are those "
+        "of the previous iteration (check the input intensities and the learning rate; with amp, try amp=false)."
+    )
 
 
 class CollapseGuard:

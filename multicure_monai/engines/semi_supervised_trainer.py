@@ -40,13 +40,16 @@ The engine's output dict carries ``image``, ``label``, ``pred`` (predictive logi
 ``diag_*`` (``L_s`` per net, predicted and true foreground fraction on the labelled
 crops, the teacher, the weights, the contrastive loss against its chance value, and every
 ``diagnostics_interval`` iterations the gradient norm each weighted loss sends into each net).
+
+The module is longer than the project's ~400-line guide on purpose: one iteration's whole data flow (which net
+sees what, which term trains which net) reads in one place; the unlabelled stream (:mod:`.cycling_loader`) and the
+diagnostics and NaN guard (:mod:`.diagnostics`) live in their own modules.
 """
 
 from __future__ import annotations
 
-import math
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -55,7 +58,8 @@ from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
 from torch.optim.optimizer import Optimizer
 
-from multicure_monai.engines.diagnostics import loss_gradient_norms
+from multicure_monai.engines.cycling_loader import CyclingLoader
+from multicure_monai.engines.diagnostics import check_finite_losses, loss_gradient_norms
 from multicure_monai.uncertainty import uncertainty_map
 
 __all__ = ["SemiSupervisedTrainer", "LOSS_TERMS", "TEACHERS", "CONTRASTIVE_ANCHORS"]
@@ -213,24 +217,20 @@ class SemiSupervisedTrainer(SupervisedTrainer):
                 raise ValueError("semi-supervised training needs at least one of the unsupervised losses.")
         self.supervised_only = supervised_only
         self.unlabeled_data_loader = None if supervised_only else unlabeled_data_loader
-        self._unlabeled_iter: Iterator | None = None
-        self._unlabeled_epoch = 0
+        self._unlabeled = None if self.unlabeled_data_loader is None else CyclingLoader(self.unlabeled_data_loader)
 
     # ------------------------------------------------------------------ data
     def _next_unlabeled(self) -> torch.Tensor:
         """Next unlabelled image batch (B_u, C, H, W, D) on the engine's device, cycling the loader."""
-        loader = self.unlabeled_data_loader
-        assert loader is not None
-        if self._unlabeled_iter is None:
-            self._unlabeled_iter = self._restart_unlabeled(loader)
-        try:
-            batch = next(self._unlabeled_iter)
-        except StopIteration:
-            self._unlabeled_epoch += 1
-            self._unlabeled_iter = self._restart_unlabeled(loader)
-            batch = next(self._unlabeled_iter)
+        assert self._unlabeled is not None
+        batch = self._unlabeled.next()
         image = batch[Keys.IMAGE] if isinstance(batch, dict) else batch
         return _plain(image).to(self.state.device, non_blocking=self.non_blocking)
+
+    @property
+    def _unlabeled_epoch(self) -> int:
+        """Passes over the unlabelled loader so far (its ``sampler.set_epoch`` value)."""
+        return 0 if self._unlabeled is None else self._unlabeled.epoch
 
     def reset_unlabeled_stream(self, sampler_epoch: int | None = None) -> None:
         """Start the unlabelled stream afresh: the next batch comes from a new iterator over the loader.
@@ -242,15 +242,8 @@ class SemiSupervisedTrainer(SupervisedTrainer):
             sampler_epoch: value for the loader's ``sampler.set_epoch`` (distributed shuffling) of the new
                 iterator; ``None`` keeps counting from the current one.
         """
-        self._unlabeled_iter = None
-        if sampler_epoch is not None:
-            self._unlabeled_epoch = int(sampler_epoch)
-
-    def _restart_unlabeled(self, loader: Iterable) -> Iterator:
-        sampler = getattr(loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(self._unlabeled_epoch)
-        return iter(loader)
+        if self._unlabeled is not None:
+            self._unlabeled.reset(sampler_epoch)
 
     def lambda_c(self, iteration: int) -> float:
         """The contrastive weight at a 1-based iteration number."""
@@ -289,7 +282,7 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
 
         loss = engine.state.output[Keys.LOSS]
-        self._check_finite(engine.state.output, engine.state.iteration)
+        check_finite_losses(engine.state.output, engine.state.iteration, LOSS_TERMS)
         if autocast and self.scaler is not None:
             self.scaler.scale(loss).backward()
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
@@ -308,23 +301,6 @@ class SemiSupervisedTrainer(SupervisedTrainer):
                 engine.state.output[key] = engine.state.output[key].detach()
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
-
-    @staticmethod
-    def _check_finite(terms: dict[str, Any], iteration: int) -> None:
-        """Stop before the optimizer step when a loss is NaN/Inf, naming the term(s) and the iteration.
-
-        The weights are left as they were after the previous (good) iteration, so no checkpoint handler can
-        write NaN weights; the raised ``FloatingPointError`` ends the run through ignite's exception event.
-        """
-        if bool(torch.isfinite(terms[Keys.LOSS].detach())):
-            return
-        values = {k: float(terms[k].detach()) for k in LOSS_TERMS if k in terms}
-        bad = [k for k in LOSS_TERMS[1:] if k in values and not math.isfinite(values[k])]
-        names = ", ".join(f"{k}={values[k]}" for k in bad) or f"loss={values[Keys.LOSS]}"
-        raise FloatingPointError(
-            f"non-finite loss at iteration {iteration}: {names}; the step was skipped and the weights are those "
-            "of the previous iteration (check the input intensities and the learning rate; with amp, try amp=false)."
-        )
 
     def _compute_losses(
         self, x: torch.Tensor, y_l: torch.Tensor, n_l: int, lambda_c: float, use_contrastive: bool
@@ -355,8 +331,7 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         teacher_index = 0  # 0: predictive, 1: auxiliary, 2: EMA
         diag: dict[str, Any] = {}
         if not self.supervised_only:
-            teacher_probs, students = self._teacher(x, n_l, probs_p, probs_a, logits_p, logits_a, sup_p, sup_a)
-            teacher_index = {"predictive": 0, "better": int(bool(sup_a < sup_p)), "ema": 2}[self.teacher]
+            teacher_index, teacher_probs, students = self._teacher(x, probs_p, probs_a, logits_p, logits_a, sup_p, sup_a)
             teacher_u = teacher_probs[n_l:]
             fractions = []
             for s_logits, s_probs in students:
@@ -434,24 +409,24 @@ class SemiSupervisedTrainer(SupervisedTrainer):
     def _teacher(
         self,
         x: torch.Tensor,
-        n_l: int,
         probs_p: torch.Tensor,
         probs_a: torch.Tensor,
         logits_p: torch.Tensor,
         logits_a: torch.Tensor,
         sup_p: torch.Tensor,
         sup_a: torch.Tensor,
-    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
-        """Detached teacher probabilities ``(B, C, *S)`` and the students' ``(logits, probs)``."""
+    ) -> tuple[int, torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """The teacher (0 predictive, 1 auxiliary, 2 EMA), its detached probabilities ``(B, C, *S)`` and the
+        students' ``(logits, probs)``."""
         if self.teacher == "ema":
             assert self.ema_network is not None
             with torch.no_grad():
                 self.ema_network.train()
                 teacher = torch.softmax(self.ema_network(x).float(), dim=1)
-            return teacher, [(logits_p, probs_p), (logits_a, probs_a)]
+            return 2, teacher, [(logits_p, probs_p), (logits_a, probs_a)]
         if self.teacher == "better" and bool(sup_a.detach() < sup_p.detach()):
-            return probs_a.detach(), [(logits_p, probs_p)]
-        return probs_p.detach(), [(logits_a, probs_a)]
+            return 1, probs_a.detach(), [(logits_p, probs_p)]
+        return 0, probs_p.detach(), [(logits_a, probs_a)]
 
     @staticmethod
     def _forward(
