@@ -1,4 +1,4 @@
-"""Surface-distance metrics (95HD, ASD) with an explicit convention for empty masks, and evaluation handlers.
+"""Surface-distance metrics (95HD, ASD) with an explicit convention for empty masks.
 
 Why not MONAI's metrics as they are: in monai 1.6.1 :class:`monai.metrics.HausdorffDistanceMetric` returns
 ``nan`` and :class:`monai.metrics.SurfaceDistanceMetric` returns ``inf`` when exactly one of prediction /
@@ -28,17 +28,14 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Union
 
 import torch
-from ignite.metrics import Metric
 from monai.data import MetaTensor
 from monai.data.utils import affine_to_spacing
-from monai.handlers import IgniteMetricHandler, from_engine
-from monai.metrics import DiceMetric, HausdorffDistanceMetric, MeanIoU, SurfaceDistanceMetric
+from monai.metrics import HausdorffDistanceMetric, SurfaceDistanceMetric
 from monai.metrics.utils import create_ignore_mask
-from monai.networks.utils import one_hot
 from monai.utils import MetricReduction
 
 __all__ = [
@@ -46,6 +43,7 @@ __all__ = [
     "grid_diagonal",
     "EmptyAwareHausdorffDistanceMetric",
     "EmptyAwareSurfaceDistanceMetric",
+    # moved to :mod:`multicure_monai.metrics.handlers`, still importable from here (see ``__getattr__``)
     "LabelToOneHot",
     "segmentation_metric_handlers",
 ]
@@ -303,111 +301,16 @@ class EmptyAwareSurfaceDistanceMetric(_EmptyAwareMixin, SurfaceDistanceMetric):
         self._init_empty_aware(empty_value, unit, spacing)
 
 
-class LabelToOneHot:
-    """Wrap an ``output_transform`` so that label maps become one-hot before metric computation.
+_MOVED_TO_HANDLERS = ("LabelToOneHot", "segmentation_metric_handlers")
 
-    ``y_pred`` / ``y`` may each be a batch ``(B, C, ...)`` or a list of ``(C, ...)`` tensors. A tensor with a
-    single channel is read as a label map and one-hot encoded to ``num_classes`` channels (MetaTensor metadata
-    kept); a tensor with ``num_classes`` channels is passed through; anything else raises ``ValueError``.
 
-    Args:
-        output_transform: maps ``engine.state.output`` to ``(y_pred, y)``.
-        num_classes: number of classes including background (>= 2).
+def __getattr__(name: str) -> Any:
+    """Re-export the evaluator wiring that moved to :mod:`multicure_monai.metrics.handlers`.
+
+    Resolved lazily because ``handlers`` imports this module; an import at the top would be circular.
     """
+    if name in _MOVED_TO_HANDLERS:
+        from . import handlers
 
-    def __init__(self, output_transform: Callable, num_classes: int) -> None:
-        if int(num_classes) != num_classes or num_classes < 2:
-            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}.")
-        self.output_transform = output_transform
-        self.num_classes = int(num_classes)
-
-    def _convert(self, x: Any, batched: bool) -> Any:
-        if isinstance(x, (list, tuple)):
-            return [self._convert(i, batched=False) for i in x]
-        if not isinstance(x, torch.Tensor):
-            return x
-        channels = x.shape[1 if batched else 0]
-        if channels == self.num_classes:
-            return x
-        if channels == 1:
-            return one_hot(x, self.num_classes, dim=1 if batched else 0)
-        raise ValueError(
-            f"expected 1 (label map) or {self.num_classes} (one-hot) channels, got shape {tuple(x.shape)}."
-        )
-
-    def __call__(self, output: Any) -> tuple[Any, Any]:
-        y_pred, y = self.output_transform(output)
-        return self._convert(y_pred, batched=True), self._convert(y, batched=True)
-
-
-def segmentation_metric_handlers(
-    num_classes: int = 2,
-    include_background: bool = False,
-    unit: str = "voxel",
-    prefix: str = "val_",
-    output_transform: Callable = from_engine(["pred", "label"]),
-    spacing: SpacingArg = None,
-    empty_value: float | str = EMPTY_DIAGONAL,
-    save_details: bool = True,
-) -> dict[str, Metric]:
-    """The paper's four evaluation metrics as ignite metrics for a MONAI evaluator.
-
-    Returns ``{prefix + "mean_dice", prefix + "jaccard", prefix + "hd95", prefix + "asd"}`` (insertion order;
-    the first is the natural ``key_val_metric``, the rest ``additional_metrics``)::
-
-        metrics = segmentation_metric_handlers()
-        evaluator = SupervisedEvaluator(..., postprocessing=AsDiscreted(keys="pred", argmax=True, to_onehot=2),
-                                        key_val_metric={"val_mean_dice": metrics.pop("val_mean_dice")},
-                                        additional_metrics=metrics)
-
-    Dice and Jaccard use ``ignore_empty=False`` (1.0 when both masks of a class are empty, 0.0 when only one
-    is), via :class:`monai.handlers.IgniteMetricHandler` because monai 1.6.1's ``MeanDice`` /
-    ``MeanIoUHandler`` do not expose ``ignore_empty``. 95HD / ASD (symmetric) are
-    :class:`EmptyAwareHausdorffDistanceMetric` / :class:`EmptyAwareSurfaceDistanceMetric`. With
-    ``save_details=True`` per-case values land in ``engine.state.metric_details`` for
-    :class:`monai.handlers.MetricsSaver`.
-
-    Args:
-        num_classes: classes including background; single-channel (label-map) ``pred`` / ``label`` are one-hot
-            encoded to this many channels (:class:`LabelToOneHot`).
-        include_background: whether channel 0 is scored.
-        unit: ``"voxel"`` (paper) or ``"mm"`` for the distances.
-        prefix: prepended to every metric name.
-        output_transform: maps ``engine.state.output`` to ``(y_pred, y)``; the default reads MONAI's decollated
-            output (list of per-case dicts with binarised one-hot ``"pred"`` and ``"label"`` ``(C, H, W, D)``).
-        spacing: explicit spacing for ``unit="mm"`` (else read from MetaTensor labels).
-        empty_value: value for a class empty in exactly one of prediction / ground truth.
-        save_details: keep per-case values for :class:`monai.handlers.MetricsSaver`.
-
-    Returns:
-        Metric name -> ignite metric (attach with ``metric.attach(engine, name)`` or pass to an evaluator).
-    """
-    transform = LabelToOneHot(output_transform, num_classes)
-    distance_kwargs: dict[str, Any] = {
-        "include_background": include_background,
-        "empty_value": empty_value,
-        "unit": unit,
-        "spacing": spacing,
-    }
-    return {
-        prefix + "mean_dice": IgniteMetricHandler(
-            metric_fn=DiceMetric(include_background=include_background, ignore_empty=False),
-            output_transform=transform,
-            save_details=save_details,
-        ),
-        prefix + "jaccard": IgniteMetricHandler(
-            metric_fn=MeanIoU(include_background=include_background, ignore_empty=False),
-            output_transform=transform,
-            save_details=save_details,
-        ),
-        prefix + "hd95": IgniteMetricHandler(
-            metric_fn=EmptyAwareHausdorffDistanceMetric(percentile=95, **distance_kwargs),
-            output_transform=transform,
-            save_details=save_details,
-        ),
-        prefix + "asd": IgniteMetricHandler(
-            metric_fn=EmptyAwareSurfaceDistanceMetric(symmetric=True, **distance_kwargs),
-            output_transform=transform,
-            save_details=save_details,
-        ),
-    }
+        return getattr(handlers, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

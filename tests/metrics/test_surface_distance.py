@@ -1,4 +1,4 @@
-"""Tests for :mod:`multicure_monai.metrics.surface_distance`."""
+"""Tests for :mod:`multicure_monai.metrics.surface_distance` and :mod:`multicure_monai.metrics.handlers`."""
 
 from __future__ import annotations
 

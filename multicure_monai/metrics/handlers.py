@@ -1,0 +1,140 @@
+"""Evaluator wiring: the paper's four metrics (Dice, Jaccard, 95HD, ASD) as ignite metrics for a MONAI evaluator.
+
+The distance metrics and their empty-mask convention live in :mod:`multicure_monai.metrics.surface_distance`;
+this module only chooses their settings and feeds them one-hot ``(y_pred, y)`` (:class:`LabelToOneHot`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from ignite.metrics import Metric
+from monai.handlers import IgniteMetricHandler, from_engine
+from monai.metrics import DiceMetric, MeanIoU
+from monai.networks.utils import one_hot
+
+from .surface_distance import (
+    EMPTY_DIAGONAL,
+    EmptyAwareHausdorffDistanceMetric,
+    EmptyAwareSurfaceDistanceMetric,
+    SpacingArg,
+)
+
+__all__ = ["LabelToOneHot", "segmentation_metric_handlers"]
+
+
+class LabelToOneHot:
+    """Wrap an ``output_transform`` so that label maps become one-hot before metric computation.
+
+    ``y_pred`` / ``y`` may each be a batch ``(B, C, ...)`` or a list of ``(C, ...)`` tensors. A tensor with a
+    single channel is read as a label map and one-hot encoded to ``num_classes`` channels (MetaTensor metadata
+    kept); a tensor with ``num_classes`` channels is passed through; anything else raises ``ValueError``.
+
+    Not :class:`monai.transforms.AsDiscrete` ``(to_onehot=...)``: it reads dim 0 as the channel (a batch of one
+    label map would become ``(num_classes, 1, ...)``, larger batches raise), rejects input that is already
+    one-hot, and turns a plain tensor into a :class:`monai.data.MetaTensor` with an identity affine, so
+    ``unit="mm"`` would silently measure at 1 mm instead of asking for a spacing.
+
+    Args:
+        output_transform: maps ``engine.state.output`` to ``(y_pred, y)``.
+        num_classes: number of classes including background (>= 2).
+    """
+
+    def __init__(self, output_transform: Callable, num_classes: int) -> None:
+        if int(num_classes) != num_classes or num_classes < 2:
+            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}.")
+        self.output_transform = output_transform
+        self.num_classes = int(num_classes)
+
+    def _convert(self, x: Any, batched: bool) -> Any:
+        if isinstance(x, (list, tuple)):
+            return [self._convert(i, batched=False) for i in x]
+        if not isinstance(x, torch.Tensor):
+            return x
+        channels = x.shape[1 if batched else 0]
+        if channels == self.num_classes:
+            return x
+        if channels == 1:
+            return one_hot(x, self.num_classes, dim=1 if batched else 0)
+        raise ValueError(
+            f"expected 1 (label map) or {self.num_classes} (one-hot) channels, got shape {tuple(x.shape)}."
+        )
+
+    def __call__(self, output: Any) -> tuple[Any, Any]:
+        y_pred, y = self.output_transform(output)
+        return self._convert(y_pred, batched=True), self._convert(y, batched=True)
+
+
+def segmentation_metric_handlers(
+    num_classes: int = 2,
+    include_background: bool = False,
+    unit: str = "voxel",
+    prefix: str = "val_",
+    output_transform: Callable = from_engine(["pred", "label"]),
+    spacing: SpacingArg = None,
+    empty_value: float | str = EMPTY_DIAGONAL,
+    save_details: bool = True,
+) -> dict[str, Metric]:
+    """The paper's four evaluation metrics as ignite metrics for a MONAI evaluator.
+
+    Returns ``{prefix + "mean_dice", prefix + "jaccard", prefix + "hd95", prefix + "asd"}`` (insertion order;
+    the first is the natural ``key_val_metric``, the rest ``additional_metrics``)::
+
+        metrics = segmentation_metric_handlers()
+        evaluator = SupervisedEvaluator(..., postprocessing=AsDiscreted(keys="pred", argmax=True, to_onehot=2),
+                                        key_val_metric={"val_mean_dice": metrics.pop("val_mean_dice")},
+                                        additional_metrics=metrics)
+
+    Dice and Jaccard use ``ignore_empty=False`` (1.0 when both masks of a class are empty, 0.0 when only one
+    is), via :class:`monai.handlers.IgniteMetricHandler` because monai 1.6.1's ``MeanDice`` /
+    ``MeanIoUHandler`` do not expose ``ignore_empty``. 95HD / ASD (symmetric) are
+    :class:`EmptyAwareHausdorffDistanceMetric` / :class:`EmptyAwareSurfaceDistanceMetric`. With
+    ``save_details=True`` per-case values land in ``engine.state.metric_details`` for
+    :class:`monai.handlers.MetricsSaver`.
+
+    Args:
+        num_classes: classes including background; single-channel (label-map) ``pred`` / ``label`` are one-hot
+            encoded to this many channels (:class:`LabelToOneHot`).
+        include_background: whether channel 0 is scored.
+        unit: ``"voxel"`` (paper) or ``"mm"`` for the distances.
+        prefix: prepended to every metric name.
+        output_transform: maps ``engine.state.output`` to ``(y_pred, y)``; the default reads MONAI's decollated
+            output (list of per-case dicts with binarised one-hot ``"pred"`` and ``"label"`` ``(C, H, W, D)``).
+        spacing: explicit spacing for ``unit="mm"`` (else read from MetaTensor labels).
+        empty_value: value for a class empty in exactly one of prediction / ground truth.
+        save_details: keep per-case values for :class:`monai.handlers.MetricsSaver`.
+
+    Returns:
+        Metric name -> ignite metric (attach with ``metric.attach(engine, name)`` or pass to an evaluator).
+    """
+    transform = LabelToOneHot(output_transform, num_classes)
+    distance_kwargs: dict[str, Any] = {
+        "include_background": include_background,
+        "empty_value": empty_value,
+        "unit": unit,
+        "spacing": spacing,
+    }
+    return {
+        prefix + "mean_dice": IgniteMetricHandler(
+            metric_fn=DiceMetric(include_background=include_background, ignore_empty=False),
+            output_transform=transform,
+            save_details=save_details,
+        ),
+        prefix + "jaccard": IgniteMetricHandler(
+            metric_fn=MeanIoU(include_background=include_background, ignore_empty=False),
+            output_transform=transform,
+            save_details=save_details,
+        ),
+        prefix + "hd95": IgniteMetricHandler(
+            metric_fn=EmptyAwareHausdorffDistanceMetric(percentile=95, **distance_kwargs),
+            output_transform=transform,
+            save_details=save_details,
+        ),
+        prefix + "asd": IgniteMetricHandler(
+            metric_fn=EmptyAwareSurfaceDistanceMetric(symmetric=True, **distance_kwargs),
+            output_transform=transform,
+            save_details=save_details,
+        ),
+    }
