@@ -7,7 +7,7 @@ UA-MT (Yu et al., 2019) and MCF (Wang et al., 2023) publish the preprocessed LA 
     <root>/test.list               # optional, one case id per line (20 cases)
 
 :func:`convert_la_h5` writes one NIfTI per image and label and a datalist JSON in the project's format
-(:mod:`multicure_monai.data.datalist`), so the bundle reads LA exactly like any other dataset with
+(:mod:`multicure_monai.data.datalist_io`), so the bundle reads LA exactly like any other dataset with
 MONAI's ``LoadImaged``. MONAI has no h5 reader, hence :func:`read_la_h5`.
 
 Axis convention: the arrays are kept **as stored** in the h5 files, axes ``(x, y, z)`` with ``z`` the
@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from multicure_monai.data.datalist import kfold_datalist, load_datalist, write_datalist
+from multicure_monai.data.datalist_io import load_datalist, write_datalist
+from multicure_monai.data.kfold import kfold_datalist
 
 __all__ = ["H5_NAME", "read_la_h5", "read_case_list", "convert_la_h5", "kfold_datalists"]
 
@@ -286,7 +287,7 @@ def kfold_datalists(
 ) -> list[str]:
     """Write ``datalist_fold{k}.json`` for k-fold cross-validation (paper: 5-fold LA, 4-fold Pancreas).
 
-    Within fold ``k`` (see :func:`multicure_monai.data.datalist.kfold_datalist`) the ``k``-th contiguous
+    Within fold ``k`` (see :func:`multicure_monai.data.kfold.kfold_datalist`) the ``k``-th contiguous
     block of the cases is ``validation``; of the other cases, in order, the first ``num_labelled`` are
     ``training`` and the next ``num_unlabelled`` (default all) are ``unlabeled``.
 
