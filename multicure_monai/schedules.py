@@ -101,4 +101,8 @@ class ContrastiveWeightSchedule(LossWeightSchedule):
 
     def __init__(self, max_iterations: int, base: float = 0.1, form: str = "authors") -> None:
         super().__init__(max_iterations, base, form)
-        self.max_iterations = self.rampup_iterations
+
+    @property
+    def max_iterations(self) -> int:
+        """The horizon ``t_max`` (the same value as ``rampup_iterations``)."""
+        return self.rampup_iterations
