@@ -60,7 +60,8 @@ def load_cpu_extension() -> ModuleType | None:
     """Build (first call on a machine) and import the CPU kernels; None when disabled or not buildable.
 
     Returns:
-        the extension module with ``columns`` and ``backward`` (see the C++ source for the layouts), or None.
+        the extension module with ``columns``, ``backward``, ``fused_forward`` and ``fused_backward`` (see the C++
+        source for the layouts), or None.
     """
     if os.environ.get(EXTENSION_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
         return None
