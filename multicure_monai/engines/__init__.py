@@ -1,8 +1,9 @@
 """Engines: the two-network semi-supervised trainer and its handlers (checkpoints, resume, seeding, progress,
-DDP buffer sync, training diagnostics)."""
+DDP buffer sync, BatchNorm recalibration, training diagnostics)."""
 
 from __future__ import annotations
 
+from .batchnorm_recalibration import BatchNormRecalibration, recalibrate_batchnorm
 from .buffer_sync import BufferSyncHandler, broadcast_buffers
 from .checkpoint import AtomicCheckpointSaver, ResumeCheckpointLoader, SafeCheckpointLoader, safe_load
 from .determinism import EpochSeedHandler
@@ -12,6 +13,7 @@ from .semi_supervised_trainer import LOSS_TERMS, SemiSupervisedTrainer
 
 __all__ = [
     "AtomicCheckpointSaver",
+    "BatchNormRecalibration",
     "BufferSyncHandler",
     "CollapseGuard",
     "EpochSeedHandler",
@@ -22,5 +24,6 @@ __all__ = [
     "SemiSupervisedTrainer",
     "broadcast_buffers",
     "loss_gradient_norms",
+    "recalibrate_batchnorm",
     "safe_load",
 ]

@@ -49,7 +49,7 @@ diagnostics and NaN guard (:mod:`.diagnostics`) live in their own modules.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -249,6 +249,43 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         """The contrastive weight at a 1-based iteration number."""
         return _weight_at(self.contrastive_weight, iteration)
 
+    def training_inputs(self, num_batches: int) -> Iterator[torch.Tensor]:
+        """``num_batches`` network inputs built like an iteration's ``x``: a labelled batch (a fresh pass over the
+        labelled loader, restarted when it runs out) followed by the next unlabelled batch (none when
+        supervised-only), on the engine's device, ``(B_l + B_u, C, H, W, D)``."""
+        labelled: Iterator | None = None
+        for _ in range(int(num_batches)):
+            batchdata = next(labelled, None) if labelled is not None else None
+            if batchdata is None:
+                labelled = iter(self.data_loader)
+                batchdata = next(labelled)
+            batch = self.prepare_batch(batchdata, self.state.device, self.non_blocking, **self.to_kwargs)
+            x = _plain(batch[0])
+            if not self.supervised_only:
+                x = torch.cat([x, self._next_unlabeled()], dim=0)
+            yield x.contiguous(memory_format=self.memory_format)
+
+    def forward_networks(
+        self, x: torch.Tensor, with_features_p: bool = False, with_features_a: bool = False
+    ) -> tuple[torch.Tensor, list[torch.Tensor] | None, torch.Tensor, list[torch.Tensor] | None]:
+        """Both nets on ``x`` as in training: the predictive net, its uncertainty map, the auxiliary net on it.
+
+        Returns:
+            ``(logits_p, feats_p, logits_a, feats_a)``: logits ``(B, N, H, W, D)``; the projected decoder features
+            of a net when asked for, else ``None``.
+        """
+        pred_uncertainty = None
+        if self.predictive_uses_uncertainty:
+            with torch.no_grad():
+                pred_uncertainty = uncertainty_map(
+                    torch.softmax(self.network(x).float(), dim=1), self.uncertainty_threshold
+                )
+        logits_p, feats_p = self._forward(self.network, x, pred_uncertainty, with_features_p)
+        with torch.no_grad():
+            unc = uncertainty_map(torch.softmax(logits_p.detach().float(), dim=1), self.uncertainty_threshold)
+        logits_a, feats_a = self._forward(self.aux_network, x, unc, with_features_a)
+        return logits_p, feats_p, logits_a, feats_a
+
     # ------------------------------------------------------------- iteration
     def _iteration(self, engine: SupervisedTrainer, batchdata: dict[str, torch.Tensor]) -> dict:  # type: ignore[override]
         if batchdata is None:
@@ -306,19 +343,10 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         self, x: torch.Tensor, y_l: torch.Tensor, n_l: int, lambda_c: float, use_contrastive: bool
     ) -> dict[str, Any]:
         """Forward both nets on ``x`` (labelled first) and compute every loss term; see the module docstring."""
-        pred_uncertainty = None
-        if self.predictive_uses_uncertainty:
-            with torch.no_grad():
-                pred_uncertainty = uncertainty_map(
-                    torch.softmax(self.network(x).float(), dim=1), self.uncertainty_threshold
-                )
         want_p = use_contrastive and "predictive" in self.contrastive_networks
         want_a = use_contrastive and "auxiliary" in self.contrastive_networks
-        logits_p, feats_p = self._forward(self.network, x, pred_uncertainty, want_p)
+        logits_p, feats_p, logits_a, feats_a = self.forward_networks(x, want_p, want_a)
         probs_p = torch.softmax(logits_p.float(), dim=1)
-        with torch.no_grad():
-            unc = (probs_p.detach().amax(dim=1, keepdim=True) < self.uncertainty_threshold).to(probs_p.dtype)
-        logits_a, feats_a = self._forward(self.aux_network, x, unc, want_a)
         probs_a = torch.softmax(logits_a.float(), dim=1)
 
         labels = y_l.long()
@@ -393,7 +421,7 @@ class SemiSupervisedTrainer(SupervisedTrainer):
             "loss_unsup": loss_unsup,
             "loss_contrastive": loss_contrastive,
             "lambda_c": torch.as_tensor(lambda_c),
-            "uncertain_fraction": unc.mean(),
+            "uncertain_fraction": (probs_p.detach().amax(dim=1) < self.uncertainty_threshold).float().mean(),
             "pseudo_mask_fraction": pseudo_fraction,
             "_pred": logits_p[:n_l].detach(),
             "_weighted": {

@@ -52,3 +52,13 @@ def test_ema_teacher_is_checkpointed(teacher: str, has_ema: bool) -> None:
 def test_regularization_switches(override: dict, expected: tuple) -> None:
     reg = _parser(**override).get_parsed_content("regularization_loss")
     assert (reg.normalization, reg.confidence_threshold) == expected
+
+
+def test_batchnorm_recalibration_runs_before_validation_and_checkpoints() -> None:
+    """Handlers of one event run in attach order: the statistics must be recomputed before anything reads them."""
+    handlers = _parser()["train"]["handlers"]
+    targets = [str(h.get("_target_", "")) for h in handlers]
+    recal = next(i for i, t in enumerate(targets) if t.endswith("BatchNormRecalibration"))
+    readers = [i for i, t in enumerate(targets) if t.endswith(("ValidationHandler", "CheckpointSaver"))]
+    assert readers and recal < min(readers)
+    assert _parser().get_parsed_content("bn_recalibration_batches") > 0
