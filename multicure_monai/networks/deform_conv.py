@@ -15,7 +15,8 @@ This module checks the arguments and dispatches; the implementations live in
 * :mod:`multicure_monai.networks.deform_conv_compiled`: the glue of the compiled OpenMP C++ kernels.
 
 ``implementation="auto"`` (the default) picks ``"grid_sample"`` on CUDA (PyTorch's native sampling kernels are
-much faster there than the gather path), ``"compiled"`` on CPU when the kernels build (on CPU the 3D
+much faster there than the gather path, and a ``torch.jit.trace`` records its plain tensor operations),
+``"compiled"`` on CPU when the kernels build (on CPU the 3D
 ``grid_sample`` kernels are slower than the chunked gather), and ``"gather"`` otherwise; all three compute the
 same function (the tests compare them in float64).
 
@@ -131,7 +132,7 @@ def deform_conv3d(
         if ext is None:
             raise RuntimeError(f"the compiled CPU kernels are not available (disabled by {EXTENSION_ENV}=0 or not buildable).")
     elif implementation == "auto":
-        if input.device.type == "cuda":
+        if input.device.type == "cuda" or torch.jit.is_tracing():  # TorchScript traces the plain tensor ops
             implementation = "grid_sample"
         elif input.device.type == "cpu":
             ext = load_cpu_extension()

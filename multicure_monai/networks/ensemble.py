@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
+from multicure_monai.networks.vnet import SCRIPT_UNSUPPORTED
 from multicure_monai.uncertainty import uncertainty_map
 
 __all__ = ["DualNetworkEnsemble", "MEMBER_NAMES", "split_members"]
@@ -71,6 +72,10 @@ class DualNetworkEnsemble(nn.Module):
         self.weights = (w[0] / total, w[1] / total)
         self.eps = float(eps)
         self.return_members = bool(return_members)
+
+    def __prepare_scriptable__(self) -> DualNetworkEnsemble:
+        """``torch.jit.script`` stops here with what to do (export by tracing, see ``SCRIPT_UNSUPPORTED``)."""
+        raise RuntimeError(SCRIPT_UNSUPPORTED)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Ensemble prediction.

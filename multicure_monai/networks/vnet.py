@@ -24,7 +24,14 @@ from monai.networks.layers.factories import Act, Conv, Dropout, Norm
 from multicure_monai.networks.multicure import MultiCURE, resize_uncertainty_map
 from multicure_monai.networks.padding import crop_to, level_size, pad_to_multiple
 
-__all__ = ["ConvStage", "VNetDecoder", "VNetBase", "VNet"]
+SCRIPT_UNSUPPORTED = (
+    "these networks cannot be compiled with torch.jit.script (the deformable convolution is a custom autograd "
+    "function and the decoder indexes its levels at run time); export them by tracing at the sliding-window "
+    "size instead: python -m monai.bundle ckpt_export network_def --config_file bundle/configs/inference.yaml "
+    "--ckpt_file bundle/models/model.pt --filepath model.ts --use_trace True --input_shape \"[1, 1, *roi_size]\""
+)
+
+__all__ = ["ConvStage", "VNetDecoder", "VNetBase", "VNet", "SCRIPT_UNSUPPORTED"]
 
 
 class ConvStage(nn.Sequential):
@@ -222,6 +229,10 @@ class VNetBase(nn.Module):
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Encoder outputs per level, finest first (see class docstring); implemented by subclasses."""
         raise NotImplementedError
+
+    def __prepare_scriptable__(self) -> VNetBase:
+        """``torch.jit.script`` stops here with what to do: the nets export by tracing, not scripting."""
+        raise RuntimeError(SCRIPT_UNSUPPORTED)
 
     def forward(
         self,
