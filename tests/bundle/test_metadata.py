@@ -9,8 +9,11 @@ import jsonschema
 import pytest
 from monai.bundle import ConfigParser
 
+import multicure_monai
+
 CONFIGS = Path(__file__).resolve().parents[2] / "bundle" / "configs"
-SCHEMA = Path(__file__).resolve().parent / "data" / "meta_schema.json"
+# the model-zoo's current schema (MONAI-extra-test-data 0.8.1), vendored: CI has no internet
+SCHEMA = Path(__file__).resolve().parent / "data" / "meta_schema_20240725.json"
 
 
 @pytest.fixture(scope="module")
@@ -41,3 +44,22 @@ def test_channel_def_names_every_class(metadata: dict) -> None:
     assert sorted(pred["channel_def"]) == [str(i) for i in range(num_classes)]
     assert list(metadata["network_data_format"]["inputs"]) == ["image"]
     assert metadata["changelog"].get(metadata["version"])
+
+
+def test_metadata_names_the_schema_it_is_checked_against(metadata: dict) -> None:
+    assert metadata["schema"].endswith("/" + SCHEMA.name)
+
+
+def test_one_version_number(metadata: dict) -> None:
+    """The bundle and the library it requires are released together."""
+    assert metadata["version"] == multicure_monai.__version__
+    assert metadata["required_packages_version"]["multicure-monai"] == multicure_monai.__version__
+
+
+def test_monai_reads_the_required_packages(metadata: dict) -> None:
+    """MONAI maps the deprecated ``optional_packages_version`` onto ``required_packages_version`` when parsing,
+    so an empty one would erase the requirements."""
+    parser = ConfigParser()
+    parser.read_meta(str(CONFIGS / "metadata.json"))
+    assert parser.get_parsed_content("_meta_#required_packages_version") == metadata["required_packages_version"]
+    assert {"multicure-monai", "pytorch-ignite", "itk", "nibabel", "h5py"} <= set(metadata["required_packages_version"])
