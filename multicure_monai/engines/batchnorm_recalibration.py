@@ -79,10 +79,10 @@ def recalibrate_batchnorm(networks: Iterable[torch.nn.Module], forward: Iterable
 
 
 class BatchNormRecalibration:
-    """Ignite handler: at the end of every engine epoch, recompute both nets' BatchNorm running statistics.
+    """Ignite handler: before every validation, recompute both nets' BatchNorm running statistics.
 
     Attach it to a :class:`~multicure_monai.engines.semi_supervised_trainer.SemiSupervisedTrainer` *before*
-    the ``ValidationHandler`` and the checkpoint savers (MONAI ``train_handlers`` attach in list order and
+    the ``ValidationHandler`` (with the same ``interval`` and ``epoch_level``) and the checkpoint savers (MONAI ``train_handlers`` attach in list order and
     ignite runs handlers of one event in attach order), so validation, ``models/model.pt`` and the checkpoints
     hold the recomputed statistics. The batches are drawn like training batches (labelled, then unlabelled,
     same transforms); the data streams restart at the next epoch (``EpochSeedHandler``), so a resumed run
@@ -91,20 +91,24 @@ class BatchNormRecalibration:
     Args:
         num_batches: training batches per recalibration; 0 disables the handler (the EMA statistics of plain
             PyTorch, as the paper and the peers).
-        interval: recalibrate every ``interval`` engine epochs (validation runs once per epoch).
+        interval: recalibrate every ``interval`` epochs (``epoch_level``) or iterations; use the
+            ``ValidationHandler``'s own ``interval`` and ``epoch_level``.
+        epoch_level: count ``interval`` in epochs (``EPOCH_COMPLETED``) or iterations (``ITERATION_COMPLETED``).
 
     Cost: ``num_batches`` gradient-free forward passes of both nets, about a third of an iteration each.
     """
 
-    def __init__(self, num_batches: int = 10, interval: int = 1) -> None:
+    def __init__(self, num_batches: int = 10, interval: int = 1, epoch_level: bool = True) -> None:
         if num_batches < 0 or interval < 1:
             raise ValueError(f"num_batches must be >= 0 and interval >= 1, got {num_batches}, {interval}.")
         self.num_batches = int(num_batches)
         self.interval = int(interval)
+        self.epoch_level = bool(epoch_level)
 
     def attach(self, engine: Engine) -> None:
         if self.num_batches > 0:
-            engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
+            event = Events.EPOCH_COMPLETED if self.epoch_level else Events.ITERATION_COMPLETED
+            engine.add_event_handler(event(every=self.interval), self)
 
     def __call__(self, engine: Engine) -> None:
         recalibrate_batchnorm([engine.network, engine.aux_network], self._steps(engine))  # type: ignore[attr-defined]

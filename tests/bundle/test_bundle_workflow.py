@@ -104,28 +104,25 @@ def test_inference_writes_masks_with_input_geometry(trained_bundle: dict) -> Non
     assert set(values.tolist()) <= {0, 1}
 
 
-def test_ckpt_export_of_predictive_net(trained_bundle: dict, tmp_path: Path) -> None:
+def test_ckpt_export_of_the_deployed_model(trained_bundle: dict, tmp_path: Path) -> None:
+    """models/model.pt (both nets) to TorchScript with the command the bundle docs give."""
     root = trained_bundle["root"]
-    state = torch.load(root / "models" / "model.pt", map_location="cpu", weights_only=True)
-    predictive = {k[len("predictive.") :]: v for k, v in state.items() if k.startswith("predictive.")}
-    ckpt = tmp_path / "predictive.pt"
-    torch.save(predictive, ckpt)
-    out = tmp_path / "predictive.ts"
+    out = tmp_path / "model.ts"
     cmd = [
-        sys.executable, "-m", "monai.bundle", "ckpt_export", "predictive_def",
-        "--filepath", str(out), "--ckpt_file", str(ckpt),
+        sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def",
+        "--filepath", str(out), "--ckpt_file", str(root / "models" / "model.pt"),
         "--meta_file", str(CONFIGS / "metadata.json"), "--config_file", str(CONFIGS / "inference.yaml"),
         "--use_trace", "True", "--input_shape", "[1,1,32,32,32]",
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     exported = torch.jit.load(str(out))
-    x = torch.randn(1, 1, 32, 32, 32)
     parser = ConfigParser()
     parser.read_config(str(CONFIGS / "inference.yaml"))
-    net = parser.get_parsed_content("predictive_def")
-    net.load_state_dict(predictive)
+    net = parser.get_parsed_content("network_def")
+    net.load_state_dict(torch.load(root / "models" / "model.pt", map_location="cpu", weights_only=True))
     net.eval()
+    x = torch.randn(1, 1, 32, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(exported(x), net(x), atol=1e-4, rtol=1e-4)
 

@@ -25,8 +25,9 @@ def _net(net_id: str, root: Path) -> torch.nn.Module:
 
 @pytest.mark.parametrize("net_id, key", [("network_def", None), ("predictive_def", "network")])
 def test_traced_export_equals_the_eager_net(tmp_path: Path, net_id: str, key: str | None) -> None:
-    """The deployed ensemble (both nets, the deformable convolution included) from models/model.pt, and the
-    predictive net alone from a training checkpoint's ``network`` entry."""
+    """The deployed ensemble (both nets, the deformable convolution included) from a model.pt state dict, and the
+    predictive net alone from a training checkpoint's ``network`` entry (test_bundle_workflow exports a trained
+    models/model.pt through the command line)."""
     torch.manual_seed(0)
     eager = _net(net_id, tmp_path)
     state = eager.state_dict()

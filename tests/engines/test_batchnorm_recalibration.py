@@ -67,7 +67,7 @@ def test_weights_do_not_change_and_no_gradient_is_recorded() -> None:
     assert all(p.grad is None for p in net.parameters())
 
 
-def _trainer(supervised_only: bool, num_batches: int) -> SemiSupervisedTrainer:
+def _trainer(supervised_only: bool, num_batches: int, epoch_level: bool = True) -> SemiSupervisedTrainer:
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     labelled = []
@@ -90,13 +90,16 @@ def _trainer(supervised_only: bool, num_batches: int) -> SemiSupervisedTrainer:
         supervised_only=supervised_only,
         decollate=False,
     )
-    BatchNormRecalibration(num_batches=num_batches).attach(trainer)
+    # an epoch is 2 iterations: once per epoch either way
+    BatchNormRecalibration(num_batches=num_batches, interval=1 if epoch_level else 2, epoch_level=epoch_level).attach(
+        trainer
+    )
     return trainer
 
 
-@pytest.mark.parametrize("supervised_only, batch", [(False, 4), (True, 2)])
-def test_handler_recalibrates_from_training_like_batches(supervised_only: bool, batch: int) -> None:
-    trainer = _trainer(supervised_only, num_batches=3)
+@pytest.mark.parametrize("supervised_only, batch, epoch_level", [(False, 4, True), (True, 2, True), (False, 4, False)])
+def test_handler_recalibrates_from_training_like_batches(supervised_only: bool, batch: int, epoch_level: bool) -> None:
+    trainer = _trainer(supervised_only, num_batches=3, epoch_level=epoch_level)
     seen = {}
 
     @trainer.on(Events.EPOCH_COMPLETED)
