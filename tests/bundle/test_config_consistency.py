@@ -1,0 +1,69 @@
+"""train, evaluate and inference configs agree for every protocol overlay and architecture switch.
+
+inference.yaml stands alone (MONAI Label reads it without train.yaml), so this test is what keeps the copies
+equal: the deployed network's state-dict keys and shapes, the image preprocessing, the sliding window and the
+deployment settings, parsed exactly as the bundle runs them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from monai.bundle import ConfigParser
+
+CONFIGS = Path(__file__).resolve().parents[2] / "bundle" / "configs"
+OVERLAYS = [[], ["la.yaml"], ["la.yaml", "la_half.yaml"], ["pancreas.yaml"]]
+SWITCHES = [{}, {"use_multicure": False}]
+WORKFLOWS = {"train": ["train.yaml"], "evaluate": ["train.yaml", "evaluate.yaml"], "inference": ["inference.yaml"]}
+
+
+def _parser(workflow: str, overlay: list[str], switches: dict) -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / name) for name in WORKFLOWS[workflow] + overlay])
+    parser.update({"bundle_root": "/nonexistent", "device": "$torch.device('cpu')", **switches})
+    return parser
+
+
+def _describe(transform: object) -> tuple:
+    """A dictionary transform's class and the plain settings of the array transform(s) it wraps."""
+    settings = {}
+    for name, value in vars(transform).items():
+        if hasattr(value, "__dict__") and not isinstance(value, type):
+            settings[name] = {k: repr(v) for k, v in vars(value).items() if not k.startswith("_")}
+    return type(transform).__name__, settings
+
+
+def _summary(parser: ConfigParser, workflow: str) -> dict:
+    """What must agree: network weights layout, image transforms, window, deployment settings."""
+    torch.manual_seed(0)
+    net = parser.get_parsed_content("network_def")
+    preprocessing = parser.get_parsed_content("preprocessing" if workflow == "inference" else "validate#preprocessing")
+    image_transforms = [_describe(t) for t in preprocessing.transforms if "image" in getattr(t, "keys", ())]
+    return {
+        "state_dict": {k: tuple(v.shape) for k, v in net.state_dict().items()},
+        "image_transforms": [t for t in image_transforms if t[0] not in ("LoadImaged", "EnsureChannelFirstd")],
+        "roi_size": list(parser.get_parsed_content("roi_size")),
+        "sw_stride": list(parser.get_parsed_content("sw_stride")),
+        "deploy": (parser.get_parsed_content("uncertainty_threshold"), list(parser.get_parsed_content("deploy_weights"))),
+        "classes": (parser.get_parsed_content("num_classes"), parser.get_parsed_content("in_channels")),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("switches", SWITCHES, ids=["defaults", "no_multicure"])
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda o: "+".join(o) or "phantoms")
+def test_workflows_agree(overlay: list[str], switches: dict) -> None:
+    summaries = {w: _summary(_parser(w, overlay, switches), w) for w in WORKFLOWS}
+    reference = summaries["train"]
+    assert any(name.endswith("Intensityd") or name.endswith("IntensityRanged") for name, _ in reference["image_transforms"])
+    for workflow in ("evaluate", "inference"):
+        for key, value in reference.items():
+            assert summaries[workflow][key] == value, f"{workflow} differs from train in {key} ({overlay}, {switches})"
+
+
+def test_the_switch_changes_the_network() -> None:
+    """The comparison above is not vacuous: the architecture switch does change the deployed weights."""
+    with_block = _summary(_parser("inference", [], {}), "inference")["state_dict"]
+    without = _summary(_parser("inference", [], {"use_multicure": False}), "inference")["state_dict"]
+    assert set(with_block) > set(without) and any("multicure" in k for k in set(with_block) - set(without))
