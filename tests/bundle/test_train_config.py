@@ -62,3 +62,19 @@ def test_batchnorm_recalibration_runs_before_validation_and_checkpoints() -> Non
     readers = [i for i, t in enumerate(targets) if t.endswith(("ValidationHandler", "CheckpointSaver"))]
     assert readers and recal < min(readers)
     assert _parser().get_parsed_content("bn_recalibration_batches") > 0
+
+
+@pytest.mark.parametrize("override", [{"pseudo_label_threshold": 1.5}, {"val_interval": 0}, {"roi_size": [32, 32]}])
+def test_initialize_checks_the_config_values(override: dict) -> None:
+    parser = _parser(**override)
+    assert "$@config_check" in [str(x).split("  #")[0] for x in parser["initialize"]]
+    with pytest.raises(Exception) as info:  # MONAI wraps the check's ValueError in "Failed to instantiate"
+        parser.get_parsed_content("config_check")
+    error: BaseException | None = info.value
+    while error is not None and not isinstance(error, ValueError):
+        error = error.__cause__
+    assert error is not None and str(error).startswith("config check failed with 1 value out of range")
+
+
+def test_default_config_passes_its_check() -> None:
+    assert _parser().get_parsed_content("config_check")
