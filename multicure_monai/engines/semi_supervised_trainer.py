@@ -60,6 +60,8 @@ from torch.optim.optimizer import Optimizer
 
 from multicure_monai.engines.cycling_loader import CyclingLoader
 from multicure_monai.engines.diagnostics import check_finite_losses, loss_gradient_norms
+from multicure_monai.losses.prototype_contrastive import PrototypeContrastiveLoss
+from multicure_monai.losses.pseudo_label import PseudoLabelLoss
 from multicure_monai.uncertainty import uncertainty_map
 
 __all__ = ["SemiSupervisedTrainer", "LOSS_TERMS", "TEACHERS", "CONTRASTIVE_ANCHORS"]
@@ -364,10 +366,10 @@ class SemiSupervisedTrainer(SupervisedTrainer):
             fractions = []
             for s_logits, s_probs in students:
                 if self.pseudo_label_loss is not None:
-                    loss_pseudo = loss_pseudo + self.pseudo_label_loss(s_logits[n_l:].float(), teacher_u)
-                    fraction = getattr(self.pseudo_label_loss, "last_mask_fraction", None)
-                    if fraction is not None:
-                        fractions.append(float(fraction))
+                    term, stats = _with_stats(self.pseudo_label_loss, s_logits[n_l:].float(), teacher_u)
+                    loss_pseudo = loss_pseudo + term
+                    if "mask_fraction" in stats:
+                        fractions.append(float(stats["mask_fraction"]))
                 if self.regularization_loss is not None and self.lambda_reg > 0:
                     # detach_predictive_in_reg=False (MCF's mutual correction) is only defined for the paper's teacher
                     target = teacher_u if self.detach_predictive_in_reg or self.teacher != "predictive" else probs_p[n_l:]
@@ -385,13 +387,11 @@ class SemiSupervisedTrainer(SupervisedTrainer):
                 contrast_terms, chance = zero, 0.0
                 for feats in (feats_p, feats_a):
                     if feats is not None:
-                        loss_contrastive = loss_contrastive + self.contrastive_loss(
-                            feats, contrast_labels, reliable, uncertain
-                        )
-                        part = getattr(self.contrastive_loss, "last_contrast", None)
-                        if part is not None:
-                            contrast_terms = contrast_terms + part
-                            chance += float(getattr(self.contrastive_loss, "last_chance", 0.0))
+                        term, stats = _with_stats(self.contrastive_loss, feats, contrast_labels, reliable, uncertain)
+                        loss_contrastive = loss_contrastive + term
+                        if stats.get("contrast") is not None:
+                            contrast_terms = contrast_terms + stats["contrast"]
+                            chance += float(stats.get("chance", 0.0))
                 diag["diag_contrastive_eq5"] = contrast_terms.detach()
                 diag["diag_contrastive_chance"] = torch.as_tensor(chance)
         loss_unsup = loss_pseudo + self.lambda_reg * loss_reg
@@ -472,6 +472,13 @@ class SemiSupervisedTrainer(SupervisedTrainer):
 def _unwrap(net: torch.nn.Module) -> torch.nn.Module:
     """The module inside a ``DistributedDataParallel`` wrapper (the EMA teacher averages plain parameters)."""
     return net.module if isinstance(net, torch.nn.parallel.DistributedDataParallel) else net
+
+
+def _with_stats(loss_fn: Callable, *args: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+    """``(loss, stats)`` from a loss that takes ``return_stats`` (this package's), ``(loss, {})`` from any other."""
+    if isinstance(loss_fn, (PseudoLabelLoss, PrototypeContrastiveLoss)):
+        return loss_fn(*args, return_stats=True)
+    return loss_fn(*args), {}
 
 
 def _weight_at(weight: float | Callable[[int], float], iteration: int) -> float:

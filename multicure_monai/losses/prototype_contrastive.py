@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -78,11 +79,11 @@ class PrototypeContrastiveLoss(nn.Module):
         denominator: ``"all"`` (InfoNCE, default) or ``"negatives"`` (literal eq. 5).
         level_weights: one weight per feature level; ``None`` weighs all levels 1.
 
-    After every call, for logging: ``last_num_uncertain`` (int, uncertain voxels used, summed over levels),
-    ``last_num_prototypes`` (int, prototypes at the first level) and ``last_level_stats`` (list of dicts with
-    ``num_uncertain`` / ``num_prototypes`` / ``num_reliable`` per level), ``last_contrast`` and
-    ``last_separation`` (detached level-weighted sums of the eq. 5 and separation terms, ``None`` when no level
-    contributed) and ``last_chance`` (the eq. 5 sum when every uncertain voxel is equally similar to all
+    ``forward(..., return_stats=True)`` also returns, for logging (the loss keeps no state between calls):
+    ``num_uncertain`` (uncertain voxels used, summed over levels), ``num_prototypes`` (at the first level),
+    ``level_stats`` (one dict per level: ``num_uncertain`` / ``num_prototypes`` / ``num_reliable``),
+    ``contrast`` and ``separation`` (detached level-weighted sums of the eq. 5 and separation terms, ``None`` when
+    no level contributed) and ``chance`` (the eq. 5 sum when every uncertain voxel is equally similar to all
     prototypes, ``sum_l w_l log P_l``, ``denominator="all"`` only): a learned loss falls below it.
 
     Example:
@@ -125,16 +126,15 @@ class PrototypeContrastiveLoss(nn.Module):
         self.separation_weight = float(separation_weight)
         self.denominator = denominator
         self.level_weights = None if level_weights is None else [float(w) for w in level_weights]
-        self.last_num_uncertain: int = 0
-        self.last_num_prototypes: int = 0
-        self.last_level_stats: list[dict[str, int]] = []
-        self.last_contrast: Tensor | None = None
-        self.last_separation: Tensor | None = None
-        self.last_chance: float = 0.0
 
     def forward(
-        self, features: Tensor | Sequence[Tensor], labels: Tensor, reliable: Tensor, uncertain: Tensor
-    ) -> Tensor:
+        self,
+        features: Tensor | Sequence[Tensor],
+        labels: Tensor,
+        reliable: Tensor,
+        uncertain: Tensor,
+        return_stats: bool = False,
+    ) -> Tensor | tuple[Tensor, dict[str, Any]]:
         """Compute the summed multi-level loss.
 
         Args:
@@ -143,9 +143,10 @@ class PrototypeContrastiveLoss(nn.Module):
             labels: ``(B, 1, *S)`` integer class per voxel (ground truth / pseudo-label).
             reliable: ``(B, 1, *S)`` bool mask of voxels whose features build the prototypes.
             uncertain: ``(B, 1, *S)`` bool mask of voxels pulled to their class prototype.
+            return_stats: also return the logging stats described in the class docstring.
 
         Returns:
-            Scalar loss (float32), finite, attached to the features' graph.
+            Scalar loss (float32), finite, attached to the features' graph (and the stats with ``return_stats``).
 
         Raises:
             ValueError: on inconsistent shapes or a wrong number of ``level_weights``.
@@ -170,32 +171,31 @@ class PrototypeContrastiveLoss(nn.Module):
                 )
 
         total: Tensor | None = None
-        self.last_num_uncertain = 0
-        self.last_level_stats = []
-        self.last_contrast, self.last_separation, self.last_chance = None, None, 0.0
+        stats: dict[str, Any] = {"num_uncertain": 0, "level_stats": [], "contrast": None, "separation": None}
+        stats["chance"] = 0.0
         for level, feat in enumerate(feats):
             weight = 1.0 if self.level_weights is None else self.level_weights[level]
-            terms, stats = self._level_loss(feat, labels, reliable, uncertain)
-            self.last_level_stats.append(stats)
-            self.last_num_uncertain += stats["num_uncertain"]
+            terms, level_stats = self._level_loss(feat, labels, reliable, uncertain)
+            stats["level_stats"].append(level_stats)
+            stats["num_uncertain"] += level_stats["num_uncertain"]
             if terms is not None:
                 contrast, separation = terms
                 level_loss = contrast + self.separation_weight * separation
                 total = weight * level_loss if total is None else total + weight * level_loss
-                self._log_terms(weight, contrast.detach(), separation.detach(), stats["num_prototypes"])
-        self.last_num_prototypes = self.last_level_stats[0]["num_prototypes"]
+                self._add_terms(stats, weight, contrast.detach(), separation.detach(), level_stats["num_prototypes"])
+        stats["num_prototypes"] = stats["level_stats"][0]["num_prototypes"]
         if total is None:
             # graph-connected zero; mean in float32 so large half-precision features cannot overflow to inf*0 = NaN
             total = sum(f.float().mean() for f in feats) * 0.0
-        return total
+        return (total, stats) if return_stats else total
 
-    def _log_terms(self, weight: float, contrast: Tensor, separation: Tensor, num_protos: int) -> None:
+    def _add_terms(self, stats: dict, weight: float, contrast: Tensor, separation: Tensor, num_protos: int) -> None:
         """Accumulate the level-weighted eq. 5 term, the separation term and the eq. 5 chance value."""
-        self.last_contrast = weight * contrast if self.last_contrast is None else self.last_contrast + weight * contrast
+        stats["contrast"] = weight * contrast if stats["contrast"] is None else stats["contrast"] + weight * contrast
         sep = weight * separation
-        self.last_separation = sep if self.last_separation is None else self.last_separation + sep
+        stats["separation"] = sep if stats["separation"] is None else stats["separation"] + sep
         if self.denominator == "all":  # eq. 5 of a voxel equally similar to every prototype: log(P)
-            self.last_chance += weight * math.log(num_protos)
+            stats["chance"] += weight * math.log(num_protos)
 
     def _level_loss(
         self, feat: Tensor, labels: Tensor, reliable: Tensor, uncertain: Tensor

@@ -45,8 +45,8 @@ class PseudoLabelLoss(nn.Module):
     threshold the loss is ``logits.float().mean() * 0`` (zero, still attached to the graph). No gradient ever
     reaches ``teacher_probs``.
 
-    After every call ``last_mask_fraction`` (Python float in ``[0, 1]``) holds the fraction of voxels that passed
-    the confidence threshold, for logging.
+    ``forward(..., return_stats=True)`` also returns ``{"mask_fraction": float}``, the fraction of voxels that
+    passed the confidence threshold (for logging; the loss keeps no state between calls, as MONAI's losses).
 
     Args:
         confidence_threshold: voxels whose teacher confidence is strictly greater are used; in ``[0, 1)``.
@@ -95,17 +95,19 @@ class PseudoLabelLoss(nn.Module):
             batch=False,
             reduction="none",
         )
-        self.last_mask_fraction: float = 0.0
 
-    def forward(self, logits: Tensor, teacher_probs: Tensor) -> Tensor:
+    def forward(
+        self, logits: Tensor, teacher_probs: Tensor, return_stats: bool = False
+    ) -> Tensor | tuple[Tensor, dict[str, float]]:
         """Compute the masked pseudo-label loss.
 
         Args:
             logits: student (auxiliary network) logits ``(B, C, *S)``, ``C >= 2``.
             teacher_probs: teacher (predictive network) softmax probabilities ``(B, C, *S)``; detached here.
+            return_stats: also return ``{"mask_fraction": ...}``.
 
         Returns:
-            Scalar loss tensor.
+            Scalar loss tensor (and the stats dict with ``return_stats``).
 
         Raises:
             ValueError: if shapes differ or ``C < 2``.
@@ -122,10 +124,11 @@ class PseudoLabelLoss(nn.Module):
             teacher_conf, pseudo = teacher_probs.detach().max(dim=1, keepdim=True)  # (B, 1, *S) each
             mask = teacher_conf > self.confidence_threshold  # (B, 1, *S) bool
             num_masked = mask.sum()
-            self.last_mask_fraction = float(num_masked) / mask.numel()
+            stats = {"mask_fraction": float(num_masked) / mask.numel()}
 
-        if self.last_mask_fraction == 0.0:
-            return logits.float().mean() * 0.0  # graph-connected zero (float32: no fp16 overflow to NaN)
+        if stats["mask_fraction"] == 0.0:
+            zero = logits.float().mean() * 0.0  # graph-connected zero (float32: no fp16 overflow to NaN)
+            return (zero, stats) if return_stats else zero
 
         maskf = mask.to(logits.dtype)
         ce_map = F.cross_entropy(logits, pseudo.squeeze(1), reduction="none").unsqueeze(1)  # (B, 1, *S)
@@ -142,4 +145,5 @@ class PseudoLabelLoss(nn.Module):
             dice = (dice_bc * present).sum() / present.sum().clamp_min(1)
         else:
             dice = dice_bc.mean()
-        return self.lambda_ce * ce + self.lambda_dice * dice
+        loss = self.lambda_ce * ce + self.lambda_dice * dice
+        return (loss, stats) if return_stats else loss

@@ -36,10 +36,10 @@ SEP_HAND = 0.5  # (1 + cos(c0, c1)) / 2 with orthogonal prototypes
 @pytest.mark.parametrize("separation_weight", [0.0, 1.0, 2.5])
 def test_hand_computed(denominator: str, contrast: float, separation_weight: float) -> None:
     loss_fn = PrototypeContrastiveLoss(2, TAU, separation_weight=separation_weight, denominator=denominator)
-    loss = loss_fn(*_toy())
+    loss, stats = loss_fn(*_toy(), return_stats=True)
     assert float(loss) == pytest.approx(contrast + separation_weight * SEP_HAND, abs=1e-5)
-    assert loss_fn.last_num_uncertain == 3
-    assert loss_fn.last_num_prototypes == 2
+    assert stats["num_uncertain"] == 3
+    assert stats["num_prototypes"] == 2
 
 
 def _clustered(num_classes: int, emb: int = 8, size: int = 6, seed: int = 0):
@@ -160,12 +160,12 @@ def test_class_without_reliable_voxels_is_skipped() -> None:
     _, labels, reliable, uncertain, feats = _clustered(3)
     reliable = reliable & (labels != 2)  # class 2 has no prototype
     loss_fn = PrototypeContrastiveLoss(3, TAU, max_uncertain_samples=None)
-    loss = loss_fn(feats, labels, reliable, uncertain)
+    loss, stats = loss_fn(feats, labels, reliable, uncertain, return_stats=True)
     assert bool(torch.isfinite(loss))
-    assert loss_fn.last_num_prototypes == 2
-    without = loss_fn(feats, labels, reliable, uncertain & (labels != 2))
+    assert stats["num_prototypes"] == 2
+    without, stats = loss_fn(feats, labels, reliable, uncertain & (labels != 2), return_stats=True)
     torch.testing.assert_close(loss, without)
-    assert loss_fn.last_num_uncertain == int((uncertain & (labels != 2)).sum())
+    assert stats["num_uncertain"] == int((uncertain & (labels != 2)).sum())
 
 
 @pytest.mark.parametrize("case", ["one_prototype", "no_uncertain", "no_reliable", "empty"])
@@ -205,8 +205,9 @@ def test_multilevel_is_weighted_sum_of_levels(level_weights: tuple[float, ...] |
     multi = PrototypeContrastiveLoss(3, TAU, max_uncertain_samples=None, level_weights=level_weights)
     weights = level_weights or (1.0, 1.0, 1.0)
     expected = sum(w * single(f, labels, reliable, uncertain) for w, f in zip(weights, (f0, f1, f2)))
-    torch.testing.assert_close(multi([f0, f1, f2], labels, reliable, uncertain), expected)
-    assert len(multi.last_level_stats) == 3
+    got, stats = multi([f0, f1, f2], labels, reliable, uncertain, return_stats=True)
+    torch.testing.assert_close(got, expected)
+    assert len(stats["level_stats"]) == 3
 
 
 def test_coarse_level_uses_nearest_resized_masks() -> None:
@@ -226,9 +227,9 @@ def test_uncertain_sample_cap(cap: int) -> None:
     coarse = feats[..., ::2, ::2, ::2]
     loss_fn = PrototypeContrastiveLoss(3, TAU, max_uncertain_samples=cap)
     torch.manual_seed(3)
-    first = loss_fn([feats, coarse], labels, reliable, uncertain)
-    assert [s["num_uncertain"] for s in loss_fn.last_level_stats] == [cap, cap]
-    assert loss_fn.last_num_uncertain == 2 * cap
+    first, stats = loss_fn([feats, coarse], labels, reliable, uncertain, return_stats=True)
+    assert [s["num_uncertain"] for s in stats["level_stats"]] == [cap, cap]
+    assert stats["num_uncertain"] == 2 * cap
     torch.manual_seed(3)
     torch.testing.assert_close(loss_fn([feats, coarse], labels, reliable, uncertain), first)  # reproducible
 
@@ -243,8 +244,9 @@ def test_cap_above_count_equals_no_cap() -> None:
 def test_reliable_sample_cap() -> None:
     _, labels, reliable, uncertain, feats = _clustered(2, size=8)
     loss_fn = PrototypeContrastiveLoss(2, TAU, max_reliable_samples=50)
-    assert bool(torch.isfinite(loss_fn(feats, labels, reliable, uncertain)))
-    assert loss_fn.last_level_stats[0]["num_reliable"] == 50
+    loss, stats = loss_fn(feats, labels, reliable, uncertain, return_stats=True)
+    assert bool(torch.isfinite(loss))
+    assert stats["level_stats"][0]["num_reliable"] == 50
 
 
 def test_out_of_range_labels_ignored() -> None:
@@ -286,7 +288,7 @@ def test_validation() -> None:
 @pytest.mark.parametrize("levels", [1, 2])
 def test_learned_below_chance_on_a_separable_toy(levels: int) -> None:
     """A small conv net trained on the loss alone brings eq. 5 of the uncertain (boundary) voxels far below its
-    chance value log(P) within a few steps, and ``last_contrast`` / ``last_chance`` report it."""
+    chance value log(P) within a few steps, and the ``contrast`` / ``chance`` stats report it."""
     torch.manual_seed(0)
     size = 16
     zz, yy, xx = torch.meshgrid(*(torch.arange(size, dtype=torch.float32),) * 3, indexing="ij")
@@ -301,11 +303,11 @@ def test_learned_below_chance_on_a_separable_toy(levels: int) -> None:
     def step() -> tuple[float, float]:
         feat = net(image)
         feats = [feat] if levels == 1 else [feat, torch.nn.functional.avg_pool3d(feat, 2)]
-        loss = loss_fn(feats, labels, ~band, band)
+        loss, stats = loss_fn(feats, labels, ~band, band, return_stats=True)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        return float(loss_fn.last_contrast), loss_fn.last_chance
+        return float(stats["contrast"]), stats["chance"]
 
     first, chance = step()
     assert chance == pytest.approx(levels * math.log(2))

@@ -26,9 +26,9 @@ DICE_HAND = 0.25
 @pytest.mark.parametrize("lambda_ce, lambda_dice", [(1.0, 1.0), (1.0, 0.0), (0.0, 1.0), (0.5, 2.0)])
 def test_hand_computed(lambda_ce: float, lambda_dice: float, include_background: bool) -> None:
     loss_fn = PseudoLabelLoss(0.7, lambda_ce, lambda_dice, include_background)
-    loss = loss_fn(LOGITS, TEACHER)
+    loss, stats = loss_fn(LOGITS, TEACHER, return_stats=True)
     assert float(loss) == pytest.approx(lambda_ce * CE_HAND + lambda_dice * DICE_HAND, abs=1e-5)
-    assert loss_fn.last_mask_fraction == pytest.approx(0.5)
+    assert stats == {"mask_fraction": pytest.approx(0.5)}
 
 
 def test_unmasked_voxels_ignored() -> None:
@@ -48,8 +48,8 @@ def test_threshold_is_strict() -> None:
     teacher = torch.stack([torch.full((4,), 0.3), torch.full((4,), 0.7)]).reshape(1, 2, 4, 1, 1)
     loss_fn = PseudoLabelLoss(0.7)
     logits = torch.randn(1, 2, 4, 1, 1, requires_grad=True)
-    loss = loss_fn(logits, teacher)
-    assert float(loss.detach()) == 0.0 and loss_fn.last_mask_fraction == 0.0
+    loss, stats = loss_fn(logits, teacher, return_stats=True)
+    assert float(loss.detach()) == 0.0 and stats["mask_fraction"] == 0.0
 
 
 def test_no_gradient_to_teacher() -> None:
@@ -69,11 +69,11 @@ def test_empty_mask_is_graph_connected_zero(shape: tuple[int, ...]) -> None:
     teacher = torch.full(shape, 1.0 / num_classes)
     logits = torch.randn(shape, requires_grad=True)
     loss_fn = PseudoLabelLoss(0.7)
-    loss = loss_fn(logits, teacher)
+    loss, stats = loss_fn(logits, teacher, return_stats=True)
     assert float(loss.detach()) == 0.0 and loss.requires_grad
     loss.backward()
     assert float(logits.grad.abs().sum()) == 0.0
-    assert loss_fn.last_mask_fraction == 0.0
+    assert stats["mask_fraction"] == 0.0
 
 
 @pytest.mark.parametrize("include_background", [True, False])
@@ -92,8 +92,8 @@ def test_mask_fraction() -> None:
     torch.manual_seed(0)
     teacher = torch.softmax(torch.randn(2, 2, 6, 6, 6) * 2, dim=1)
     loss_fn = PseudoLabelLoss(0.8)
-    loss_fn(torch.randn(2, 2, 6, 6, 6), teacher)
-    assert loss_fn.last_mask_fraction == pytest.approx(float((teacher.amax(1) > 0.8).float().mean()))
+    _, stats = loss_fn(torch.randn(2, 2, 6, 6, 6), teacher, return_stats=True)
+    assert stats["mask_fraction"] == pytest.approx(float((teacher.amax(1) > 0.8).float().mean()))
 
 
 def test_validation() -> None:
