@@ -11,8 +11,6 @@ from pathlib import Path
 import pytest
 from monai.bundle import ConfigWorkflow
 
-from multicure_monai.data.synthetic import generate_phantom_dataset
-
 CONFIGS = Path(__file__).resolve().parents[2] / "bundle" / "configs"
 TINY = {
     "max_iterations": 2,
@@ -52,14 +50,10 @@ def _check_and_run(kind: str, root: Path, datalist: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def trained(make_phantoms) -> tuple[Path, Path]:
     """A bundle root trained by the train workflow (properties checked first)."""
-    root = tmp_path_factory.mktemp("zoo_bundle")
-    datalist = Path(
-        generate_phantom_dataset(
-            root / "data", num_labelled=2, num_unlabelled=2, num_validation=1, shape=(36, 32, 32), seed=5
-        )
-    )
+    datalist = make_phantoms("zoo_bundle", seed=5)
+    root = datalist.parent.parent
     _check_and_run("train", root, datalist)
     return root, datalist
 

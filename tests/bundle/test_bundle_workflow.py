@@ -18,8 +18,6 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from multicure_monai.data.synthetic import generate_phantom_dataset
-
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "bundle" / "configs"
 TINY = {
@@ -45,13 +43,9 @@ def _cli(run_id: str, config_files: list[str], overrides: dict[str, str], cwd: P
 
 
 @pytest.fixture(scope="module")
-def trained_bundle(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("bundle_root")
-    datalist = Path(
-        generate_phantom_dataset(
-            root / "data", num_labelled=2, num_unlabelled=2, num_validation=1, shape=(36, 32, 32), seed=3
-        )
-    )
+def trained_bundle(make_phantoms) -> dict[str, Path]:
+    datalist = make_phantoms("bundle_root")
+    root = datalist.parent.parent
     overrides = {"bundle_root": str(root), "datalist": str(datalist), **TINY}
     log = _cli("training", ["train.yaml"], overrides)
     return {"root": root, "datalist": datalist, "overrides": overrides, "log": log}  # type: ignore[dict-item]

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from multicure_monai.data.synthetic import generate_phantom_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "bundle" / "configs"
@@ -71,12 +70,10 @@ def _run(run_id: str, files: list[str | Path], overrides: dict[str, str], nproc:
 
 
 @pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    root = tmp_path_factory.mktemp("ddp_bundle")
+def ddp_run(make_phantoms) -> dict:
     # two validation cases: one per rank, so validation and evaluation are sharded
-    datalist = generate_phantom_dataset(
-        root / "data", num_labelled=2, num_unlabelled=2, num_validation=2, shape=(32, 32, 32), seed=5
-    )
+    datalist = make_phantoms("ddp_bundle", num_validation=2, shape=(32, 32, 32), seed=5)
+    root = datalist.parent.parent
     dump_dir = root / "rank_states"
     dump_dir.mkdir()
     dump_yaml = root / "dump_rank_state.yaml"

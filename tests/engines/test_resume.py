@@ -21,7 +21,6 @@ import pytest
 import torch
 from ignite.engine import Events
 
-from multicure_monai.data.synthetic import generate_phantom_dataset
 from multicure_monai.engines.checkpoint import find_latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
@@ -74,9 +73,8 @@ def _assert_same(a, b, where: str = "") -> None:
 
 
 @pytest.fixture(scope="module")
-def datalist(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("resume_data")
-    return Path(generate_phantom_dataset(root, num_labelled=2, num_unlabelled=2, num_validation=1, shape=(32, 32, 32)))
+def datalist(make_phantoms) -> Path:
+    return make_phantoms("resume_data", shape=(32, 32, 32), seed=0)
 
 
 def test_sigkill_then_resume_is_bit_identical(tmp_path: Path, datalist: Path) -> None:
