@@ -41,6 +41,9 @@ class DualNetworkEnsemble(nn.Module):
         weights: non-negative mixture weights ``(w_predictive, w_auxiliary)``, normalised to sum to 1.
         eps: lower clamp of the mixture before the log.
         return_members: also return each net's log-probabilities (see above).
+        predictive_uses_uncertainty: the predictive net holds a MultiCURE block (the authors' placement) and, as
+            in training (``SemiSupervisedTrainer(predictive_uses_uncertainty=True)``), gets the uncertainty map of
+            a first pass of itself.
 
     With ``return_members=True`` (validation that scores each net next to the ensemble in one sliding-window
     pass) the output is ``(B, 3N, H, W, D)``: the ensemble's, the predictive net's and the auxiliary net's
@@ -58,6 +61,7 @@ class DualNetworkEnsemble(nn.Module):
         weights: Sequence[float] = (0.5, 0.5),
         eps: float = 1e-8,
         return_members: bool = False,
+        predictive_uses_uncertainty: bool = False,
     ) -> None:
         super().__init__()
         if len(weights) != 2:
@@ -72,6 +76,7 @@ class DualNetworkEnsemble(nn.Module):
         self.weights = (w[0] / total, w[1] / total)
         self.eps = float(eps)
         self.return_members = bool(return_members)
+        self.predictive_uses_uncertainty = bool(predictive_uses_uncertainty)
 
     def __prepare_scriptable__(self) -> DualNetworkEnsemble:
         """``torch.jit.script`` stops here with what to do (export by tracing, see ``SCRIPT_UNSUPPORTED``)."""
@@ -87,7 +92,11 @@ class DualNetworkEnsemble(nn.Module):
             Log-probabilities ``(B, N, H, W, D)`` of the weighted probability average.
         """
         w_pred, w_aux = self.weights
-        p = torch.softmax(self.predictive(x), dim=1)
+        if self.predictive_uses_uncertainty:  # as the trainer: a first pass gives the predictive net its own map
+            first = torch.softmax(self.predictive(x), dim=1)
+            p = torch.softmax(self.predictive(x, uncertainty_map(first, self.uncertainty_threshold)), dim=1)
+        else:
+            p = torch.softmax(self.predictive(x), dim=1)
         if self.return_members:
             a = torch.softmax(self.auxiliary(x, uncertainty_map(p, self.uncertainty_threshold)), dim=1)
             mixed = [w_pred * p + w_aux * a, p, a]

@@ -15,7 +15,7 @@ from monai.bundle import ConfigParser
 
 CONFIGS = Path(__file__).resolve().parents[2] / "bundle" / "configs"
 OVERLAYS = [[], ["la.yaml"], ["la.yaml", "la_half.yaml"], ["pancreas.yaml"]]
-SWITCHES = [{}, {"use_multicure": False}]
+SWITCHES = [{}, {"use_multicure": False}, {"predictive_uses_uncertainty": True, "use_multicure": False}]
 WORKFLOWS = {"train": ["train.yaml"], "evaluate": ["train.yaml", "evaluate.yaml"], "inference": ["inference.yaml"]}
 
 
@@ -46,12 +46,16 @@ def _summary(parser: ConfigParser, workflow: str) -> dict:
         "image_transforms": [t for t in image_transforms if t[0] not in ("LoadImaged", "EnsureChannelFirstd")],
         "roi_size": list(parser.get_parsed_content("roi_size")),
         "sw_stride": list(parser.get_parsed_content("sw_stride")),
-        "deploy": (parser.get_parsed_content("uncertainty_threshold"), list(parser.get_parsed_content("deploy_weights"))),
+        "deploy": (
+            parser.get_parsed_content("uncertainty_threshold"),
+            list(parser.get_parsed_content("deploy_weights")),
+            net.predictive_uses_uncertainty,
+        ),
         "classes": (parser.get_parsed_content("num_classes"), parser.get_parsed_content("in_channels")),
     }  # fmt: skip
 
 
-@pytest.mark.parametrize("switches", SWITCHES, ids=["defaults", "no_multicure"])
+@pytest.mark.parametrize("switches", SWITCHES, ids=["defaults", "no_multicure", "authors_placement"])
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda o: "+".join(o) or "phantoms")
 def test_workflows_agree(overlay: list[str], switches: dict) -> None:
     summaries = {w: _summary(_parser(w, overlay, switches), w) for w in WORKFLOWS}

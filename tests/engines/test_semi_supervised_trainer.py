@@ -322,3 +322,16 @@ def test_diagnostics_every_interval() -> None:
 def test_invalid_new_switches_are_rejected(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         _trainer(**kwargs)
+
+
+def test_predictive_net_gets_the_map_of_its_own_first_pass() -> None:
+    """``predictive_uses_uncertainty`` (MultiCURE in the predictive net): a gradient-free first pass of the
+    predictive net gives the uncertainty map its training pass receives; the auxiliary net gets the map of that
+    training pass, as always."""
+    trainer = _trainer(iterations=1, contrastive_loss=None, predictive_uses_uncertainty=True)
+    trainer.network.record = True
+    trainer.run()
+    first, second = trainer.network.seen_uncertainty
+    assert first is None and second is not None and second.shape == (4, 1, SIZE, SIZE, SIZE)
+    (aux_map,) = trainer.aux_network.seen_uncertainty
+    assert set(second.unique().tolist()) <= {0.0, 1.0} and set(aux_map.unique().tolist()) <= {0.0, 1.0}

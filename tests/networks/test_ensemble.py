@@ -122,3 +122,15 @@ def test_split_members_needs_three_parts():
 
     with pytest.raises(ValueError, match="3N channels"):
         split_members(torch.zeros(4, 2, 2))
+
+
+@pytest.mark.parametrize("uses", [False, True])
+def test_predictive_gets_its_own_map_when_it_uses_uncertainty(uses):
+    """The authors' placement: a first pass of the predictive net gives it its uncertainty map, as in training."""
+    pred, aux, x = _pair()
+    DualNetworkEnsemble(pred, aux, predictive_uses_uncertainty=uses)(x)
+    expected = uncertainty_map(torch.softmax(pred.logits, 1), 0.7)
+    if uses:
+        assert len(pred.calls) == 2 and pred.calls[0] is None and torch.equal(pred.calls[1], expected)
+    else:
+        assert pred.calls == [None]
