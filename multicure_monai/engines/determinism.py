@@ -16,13 +16,12 @@ shuffle instead of continuing the previous one; the distribution of batches is u
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import torch
 from ignite.engine import Engine, Events
+from ignite.utils import manual_seed
 from monai.data.utils import set_rnd
 from monai.utils import MAX_SEED
 
@@ -60,9 +59,7 @@ class EpochSeedHandler:
     def __call__(self, engine: Engine) -> None:
         epoch = int(engine.state.epoch)
         s = epoch_seed(self.seed, epoch)
-        torch.manual_seed(s)
-        np.random.seed(s)
-        random.seed(s)
+        manual_seed(s)  # torch (CPU and CUDA), numpy, random
         for i, dataset in enumerate(self.datasets):
             set_rnd(getattr(dataset, "transform", dataset), seed=epoch_seed(s, i + 1))
         if not self.restart_data:
