@@ -1,7 +1,8 @@
 """Evaluator wiring: the paper's four metrics (Dice, Jaccard, 95HD, ASD) as ignite metrics for a MONAI evaluator.
 
 The distance metrics and their empty-mask convention live in :mod:`multicure_monai.metrics.surface_distance`;
-this module only chooses their settings and feeds them one-hot ``(y_pred, y)`` (:class:`LabelToOneHot`).
+this module only chooses their settings and feeds them one-hot ``(y_pred, y)`` (:class:`LabelToOneHot`); the
+calibration and uncertainty metrics of :mod:`.calibration` are wired the same way.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from monai.handlers import IgniteMetricHandler, from_engine
 from monai.metrics import DiceMetric, MeanIoU
 from monai.networks.utils import one_hot
 
+from .calibration import QUANTITIES, REGIONS, UncertaintyMetric
 from .surface_distance import (
     EMPTY_DIAGONAL,
     EmptyAwareHausdorffDistanceMetric,
@@ -22,7 +24,7 @@ from .surface_distance import (
     SpacingArg,
 )
 
-__all__ = ["LabelToOneHot", "segmentation_metric_handlers"]
+__all__ = ["LabelToOneHot", "calibration_metric_handlers", "segmentation_metric_handlers"]
 
 
 class LabelToOneHot:
@@ -138,3 +140,34 @@ def segmentation_metric_handlers(
             save_details=save_details,
         ),
     }
+
+
+def calibration_metric_handlers(
+    prefix: str = "val_",
+    output_transform: Callable = from_engine(["prob", "label"]),
+    threshold: float = 0.7,
+    band_width: int = 2,
+    num_bins: int = 15,
+    save_details: bool = True,
+) -> dict[str, Metric]:
+    """Calibration and uncertainty of the foreground probability (:mod:`.calibration`) as evaluator metrics.
+
+    One handler per quantity and region: ``{prefix}ece``, ``{prefix}brier``, ``{prefix}entropy``,
+    ``{prefix}uncertain_fraction`` (all voxels), the same with ``_band`` / ``_rest`` (within ``band_width``
+    voxels of the ground-truth surface / outside), and ``{prefix}error_auroc``.
+
+    Args:
+        prefix: prepended to every metric name.
+        output_transform: maps ``engine.state.output`` to ``(probabilities, label)``; the probabilities must be
+            the softmax output **before** the argmax (the bundle's postprocessing keeps them as ``"prob"``).
+        threshold, band_width, num_bins: see :func:`.calibration.uncertainty_scores`.
+        save_details: keep per-case values for :class:`monai.handlers.MetricsSaver`.
+    """
+    handlers: dict[str, Metric] = {}
+    for quantity in QUANTITIES:
+        for region in ("all",) if quantity == "error_auroc" else REGIONS:
+            metric = UncertaintyMetric(quantity, region, threshold, band_width, num_bins)
+            handlers[prefix + metric.key] = IgniteMetricHandler(
+                metric_fn=metric, output_transform=output_transform, save_details=save_details
+            )
+    return handlers

@@ -79,6 +79,11 @@ def test_evaluating_writes_finite_metrics(trained_bundle: dict) -> None:
     assert dice and all(np.isfinite(dice)) and all(0.0 <= d <= 1.0 for d in dice)
     for metric in ("val_jaccard", "val_hd95", "val_asd"):
         assert (root / "eval" / f"{metric}_summary.csv").is_file()
+    # calibration and uncertainty of the deployed model, per case, in [0, 1]
+    for metric in ("val_ece", "val_brier", "val_entropy_band", "val_uncertain_fraction_rest"):
+        with open(root / "eval" / f"{metric}_raw.csv") as f:
+            values = [float(v) for row in list(csv.reader(f))[1:] for v in row[1:] if v]
+        assert values and all(0.0 <= v <= 1.0 for v in values), (metric, values)
 
 
 def test_inference_writes_masks_with_input_geometry(trained_bundle: dict) -> None:
