@@ -103,6 +103,24 @@ def test_inference_writes_masks_with_input_geometry(trained_bundle: dict) -> Non
     assert set(values.tolist()) <= {0, 1}
 
 
+def test_inference_can_write_uncertainty_maps(trained_bundle: dict, tmp_path: Path) -> None:
+    root, datalist = trained_bundle["root"], trained_bundle["datalist"]
+    overrides = {k: v for k, v in trained_bundle["overrides"].items() if k not in ("max_iterations", "val_interval")}
+    _cli("inference", ["inference.yaml"], {**overrides, "output_dir": str(tmp_path), "save_uncertainty": "True"})
+    with open(datalist) as f:
+        image_path = datalist.parent / json.load(f)["validation"][0]["image"]
+    image = nib.load(str(image_path))
+    stem = image_path.name.split(".")[0]
+    for name, low, high in (("confidence", 0.5, 1.0), ("entropy", 0.0, 1.0), ("uncertain", 0, 1)):
+        (path,) = tmp_path.glob(f"{stem}_{name}.nii*")
+        saved = nib.load(str(path))
+        values = np.asarray(saved.dataobj)
+        assert saved.shape[:3] == image.shape[:3]
+        np.testing.assert_allclose(saved.affine, image.affine, atol=1e-4)
+        assert values.min() >= low - 1e-6 and values.max() <= high + 1e-6, (name, values.min(), values.max())
+    assert set(np.unique(np.asarray(nib.load(str(next(tmp_path.glob(f"{stem}_uncertain.nii*")))).dataobj))) <= {0, 1}
+
+
 def test_ckpt_export_of_the_deployed_model(trained_bundle: dict, tmp_path: Path) -> None:
     """models/model.pt (both nets) to TorchScript with the command the bundle docs give."""
     root = trained_bundle["root"]
