@@ -1,5 +1,5 @@
 """Engines: the two-network semi-supervised trainer and its handlers (checkpoints, resume, seeding, progress,
-DDP buffer sync, BatchNorm recalibration, training diagnostics)."""
+DDP buffer sync, BatchNorm recalibration, training diagnostics, uncertainty figures of an evaluation)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from .determinism import EpochSeedHandler
 from .diagnostics import CollapseGuard, loss_gradient_norms
 from .progress_bar import ProgressBar
 from .semi_supervised_trainer import LOSS_TERMS, SemiSupervisedTrainer
+from .uncertainty_figures import UncertaintyFigures
 
 __all__ = [
     "AtomicCheckpointSaver",
@@ -22,6 +23,7 @@ __all__ = [
     "ResumeCheckpointLoader",
     "SafeCheckpointLoader",
     "SemiSupervisedTrainer",
+    "UncertaintyFigures",
     "broadcast_buffers",
     "loss_gradient_norms",
     "recalibrate_batchnorm",
