@@ -12,9 +12,21 @@ global average pooling to a ``3d`` vector, reduced by a linear layer to ``max(3d
 expanded back by one linear layer per branch to ``d`` logits; a softmax across the three branches (per channel)
 gives the weights ``K1, K2, K3`` and ``z' = u1 * K1 + u2 * K2 + u3 * K3``.
 
+Two forms (:data:`MULTICURE_FORMS`, the bundle's ``multicure_form``):
+
+=====================  =====================================  =============================================
+                       ``paper`` (the text, default)          ``authors`` (their released ``SKLayer``)
+=====================  =====================================  =============================================
+static branches        dense 3x3x3 and 5x5x5                   grouped (16) 3x3x3, and 3x3x3 dilated 2
+before the pooling     GAP of each branch, concatenated (3d)   branches concatenated, 1x1x1 conv to d, GAP
+squeeze MLP            ``max(3d // 16, 16)``, ReLU             ``max(d // 16, 32)``, BatchNorm1d, ReLU
+uncertainty map        adaptive max-pool to the feature size   max-pool 3, stride 2, padding 1 per halving
+=====================  =====================================  =============================================
+
 MONAI has selective-kernel style blocks only for 2D classification nets and no deformable convolution, so the
-block is written here from MONAI ``Convolution``/``ADN`` pieces. No BatchNorm is used in the attention MLP, so the
-block trains with a batch size of 1.
+block is written here from MONAI ``Convolution``/``ADN`` pieces. The ``paper`` form has no BatchNorm in the
+attention MLP and trains with a batch size of 1; the ``authors`` form's BatchNorm1d needs batches of 2 or more
+in training.
 """
 
 from __future__ import annotations
@@ -29,10 +41,25 @@ from monai.networks.layers.factories import Act, Norm
 
 from multicure_monai.networks.deform_conv import DeformConv3dPack
 
-__all__ = ["MultiCURE", "resize_uncertainty_map"]
+__all__ = ["MultiCURE", "MULTICURE_FORMS", "resize_uncertainty_map"]
+
+#: Keyword arguments of :class:`MultiCURE` for each form (see the module docstring).
+MULTICURE_FORMS: dict[str, dict] = {
+    "paper": {},
+    "authors": {
+        "large_kernel": "dilated",
+        "groups": 16,
+        "mix_branches": True,
+        "squeeze_norm": True,
+        "min_hidden": 32,
+        "uncertainty_pool": "strided",
+    },
+}
 
 
-def resize_uncertainty_map(uncertainty: torch.Tensor, spatial_size: Sequence[int]) -> torch.Tensor:
+def resize_uncertainty_map(
+    uncertainty: torch.Tensor, spatial_size: Sequence[int], pool: str = "adaptive"
+) -> torch.Tensor:
     """Resize a binary uncertainty map to ``spatial_size`` without losing uncertain voxels.
 
     Axes that shrink are reduced with adaptive **max** pooling, so a feature voxel is marked uncertain as soon as any
@@ -40,9 +67,13 @@ def resize_uncertainty_map(uncertainty: torch.Tensor, spatial_size: Sequence[int
     boundaries, which are exactly the regions the block is meant to help). Axes that grow use nearest-neighbour
     upsampling, which keeps the map binary.
 
+    ``pool="strided"`` (the authors' code) first halves the map with max-pooling (kernel 3, stride 2, padding 1)
+    while every axis is at least twice the target, then resizes the rest as above.
+
     Args:
         uncertainty: map of shape ``(B, C, *spatial)`` (usually ``C = 1``, values in ``{0, 1}``).
         spatial_size: target spatial size, e.g. ``(H', W', D')``.
+        pool: ``"adaptive"`` or ``"strided"``.
 
     Returns:
         Tensor of shape ``(B, C, *spatial_size)``, same dtype as ``uncertainty``.
@@ -51,6 +82,13 @@ def resize_uncertainty_map(uncertainty: torch.Tensor, spatial_size: Sequence[int
     target = tuple(int(s) for s in spatial_size)
     if len(src) != len(target):
         raise ValueError(f"uncertainty has {len(src)} spatial dims, target size has {len(target)}.")
+    if pool not in ("adaptive", "strided"):
+        raise ValueError(f"pool must be 'adaptive' or 'strided', got {pool!r}.")
+    if pool == "strided":
+        strided = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[len(src)]
+        while all(s >= 2 * t for s, t in zip(src, target)):
+            uncertainty = strided(uncertainty, kernel_size=3, stride=2, padding=1)
+            src = tuple(int(s) for s in uncertainty.shape[2:])
     if src == target:
         return uncertainty
     inter = tuple(min(s, t) for s, t in zip(src, target))
@@ -79,6 +117,13 @@ class MultiCURE(nn.Module):
         use_uncertainty: add the uncertainty map to branch 3; ``False`` ignores any given map (ablation).
         offset_groups: offset groups of the deformable conv.
         bias: whether the branch convolutions have a bias.
+        groups: groups of the two static branch convolutions (the authors' form: 16).
+        mix_branches: concatenate the branches and mix them with a 1x1x1 conv to ``d`` channels before the
+            global pooling (the authors' form), instead of pooling each branch (hidden size then from ``d``).
+        squeeze_norm: BatchNorm1d in the attention MLP (the authors' form).
+        uncertainty_pool: how the map is brought to the feature size, see :func:`resize_uncertainty_map`.
+        form: ``"paper"`` or ``"authors"``: set the arguments above that :data:`MULTICURE_FORMS` lists for the
+            form (they override what is passed); ``None`` uses the arguments as given.
 
     Example::
 
@@ -102,8 +147,23 @@ class MultiCURE(nn.Module):
         use_uncertainty: bool = True,
         offset_groups: int = 1,
         bias: bool = True,
+        groups: int = 1,
+        mix_branches: bool = False,
+        squeeze_norm: bool = False,
+        uncertainty_pool: str = "adaptive",
+        form: str | None = None,
     ) -> None:
         super().__init__()
+        if form is not None:
+            if form not in MULTICURE_FORMS:
+                raise ValueError(f"form must be one of {sorted(MULTICURE_FORMS)}, got {form!r}.")
+            preset = MULTICURE_FORMS[form]
+            large_kernel = preset.get("large_kernel", large_kernel)
+            groups = preset.get("groups", groups)
+            mix_branches = preset.get("mix_branches", mix_branches)
+            squeeze_norm = preset.get("squeeze_norm", squeeze_norm)
+            min_hidden = preset.get("min_hidden", min_hidden)
+            uncertainty_pool = preset.get("uncertainty_pool", uncertainty_pool)
         if in_channels is None or in_channels < 1:
             raise ValueError(f"in_channels must be a positive int, got {in_channels}.")
         if reduction < 1 or min_hidden < 1:
@@ -111,14 +171,20 @@ class MultiCURE(nn.Module):
         if deformable and spatial_dims != 3:
             raise ValueError("the deformable branch is 3D only; use deformable=False for spatial_dims != 3.")
         d = in_channels if out_channels is None else out_channels
+        if groups < 1 or in_channels % groups or d % groups:
+            raise ValueError(f"groups={groups} must divide in_channels={in_channels} and out_channels={d}.")
+        if uncertainty_pool not in ("adaptive", "strided"):
+            raise ValueError(f"uncertainty_pool must be 'adaptive' or 'strided', got {uncertainty_pool!r}.")
+        self.uncertainty_pool = uncertainty_pool
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
         self.out_channels = d
         self.deformable = deformable
         self.use_uncertainty = use_uncertainty
-        self.hidden = max(3 * d // reduction, min_hidden)
+        pooled = d if mix_branches else 3 * d
+        self.hidden = max(pooled // reduction, min_hidden)
 
-        def conv(kernel: int, dilation: int = 1) -> Convolution:
+        def conv(kernel: int, dilation: int = 1, conv_groups: int = 1) -> Convolution:
             return Convolution(
                 spatial_dims,
                 in_channels,
@@ -129,14 +195,15 @@ class MultiCURE(nn.Module):
                 act=act,
                 norm=norm,
                 bias=bias,
+                groups=conv_groups,
             )
 
-        self.branch_small = conv(3)
+        self.branch_small = conv(3, conv_groups=groups)
         kind = large_kernel.lower()
         if kind in ("5x5x5", "5x5", "5"):
-            self.branch_large = conv(5)
+            self.branch_large = conv(5, conv_groups=groups)
         elif kind == "dilated":
-            self.branch_large = conv(3, dilation=2)
+            self.branch_large = conv(3, dilation=2, conv_groups=groups)
         else:
             raise ValueError(f"large_kernel must be '5x5x5' or 'dilated', got {large_kernel!r}.")
 
@@ -148,7 +215,12 @@ class MultiCURE(nn.Module):
         else:
             self.branch_deform = conv(3)
 
-        self.squeeze = nn.Sequential(nn.Linear(3 * d, self.hidden), nn.ReLU())
+        conv_type = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[spatial_dims]
+        self.mix: nn.Module | None = conv_type(3 * d, d, kernel_size=1) if mix_branches else None
+        squeeze: list[nn.Module] = [nn.Linear(pooled, self.hidden)]
+        if squeeze_norm:
+            squeeze.append(nn.BatchNorm1d(self.hidden))
+        self.squeeze = nn.Sequential(*squeeze, nn.ReLU())
         self.excite = nn.ModuleList([nn.Linear(self.hidden, d) for _ in range(3)])
 
     def forward(
@@ -178,10 +250,13 @@ class MultiCURE(nn.Module):
                 raise ValueError(
                     f"uncertainty must have shape (B={x.shape[0]}, 1, ...), got {tuple(uncertainty.shape)}."
                 )
-            u3 = u3 + resize_uncertainty_map(uncertainty.to(dtype=u3.dtype, device=u3.device), u3.shape[2:])
+            unc = uncertainty.to(dtype=u3.dtype, device=u3.device)
+            u3 = u3 + resize_uncertainty_map(unc, u3.shape[2:], self.uncertainty_pool)
         branches = (u1, u2, u3)
-        # global average pooling of q = [u1 || u2 || u3], per branch: q itself is never materialised
-        s = torch.cat([u.flatten(2).mean(dim=2) for u in branches], dim=1)  # (B, 3d)
+        if self.mix is not None:  # the authors' form: mix [u1 || u2 || u3] to d channels, then pool
+            s = self.mix(torch.cat(branches, dim=1)).flatten(2).mean(dim=2)  # (B, d)
+        else:  # global average pooling of q = [u1 || u2 || u3], per branch: q itself is never materialised
+            s = torch.cat([u.flatten(2).mean(dim=2) for u in branches], dim=1)  # (B, 3d)
         k = self.squeeze(s)  # (B, hidden)
         logits = torch.stack([fc(k) for fc in self.excite], dim=1)  # (B, 3, d)
         attn = torch.softmax(logits, dim=1)

@@ -15,7 +15,12 @@ from monai.bundle import ConfigParser
 
 CONFIGS = Path(__file__).resolve().parents[2] / "bundle" / "configs"
 OVERLAYS = [[], ["la.yaml"], ["la.yaml", "la_half.yaml"], ["pancreas.yaml"]]
-SWITCHES = [{}, {"use_multicure": False}, {"predictive_uses_uncertainty": True, "use_multicure": False}]
+SWITCHES = [
+    {},
+    {"use_multicure": False},
+    {"predictive_uses_uncertainty": True, "use_multicure": False},
+    {"multicure_form": "authors"},
+]
 WORKFLOWS = {"train": ["train.yaml"], "evaluate": ["train.yaml", "evaluate.yaml"], "inference": ["inference.yaml"]}
 
 
@@ -55,7 +60,7 @@ def _summary(parser: ConfigParser, workflow: str) -> dict:
     }  # fmt: skip
 
 
-@pytest.mark.parametrize("switches", SWITCHES, ids=["defaults", "no_multicure", "authors_placement"])
+@pytest.mark.parametrize("switches", SWITCHES, ids=["defaults", "no_multicure", "authors_placement", "authors_form"])
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda o: "+".join(o) or "phantoms")
 def test_workflows_agree(overlay: list[str], switches: dict) -> None:
     summaries = {w: _summary(_parser(w, overlay, switches), w) for w in WORKFLOWS}
@@ -71,3 +76,9 @@ def test_the_switch_changes_the_network() -> None:
     with_block = _summary(_parser("inference", [], {}), "inference")["state_dict"]
     without = _summary(_parser("inference", [], {"use_multicure": False}), "inference")["state_dict"]
     assert set(with_block) > set(without) and any("multicure" in k for k in set(with_block) - set(without))
+
+
+def test_the_authors_form_changes_the_block() -> None:
+    paper = _summary(_parser("inference", [], {}), "inference")["state_dict"]
+    authors = _summary(_parser("inference", [], {"multicure_form": "authors"}), "inference")["state_dict"]
+    assert any(".multicure.mix." in k for k in authors) and not any(".multicure.mix." in k for k in paper)

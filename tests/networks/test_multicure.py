@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from multicure_monai.networks.multicure import MultiCURE, resize_uncertainty_map
+from multicure_monai.networks.multicure import MULTICURE_FORMS, MultiCURE, resize_uncertainty_map
 
 
 @pytest.mark.parametrize(
@@ -137,3 +137,57 @@ def test_2d_and_validation():
         MultiCURE(3, None)
     with pytest.raises(ValueError):
         MultiCURE(3, 4, deformable=False)(torch.randn(2, 4, 4, 4, 4), torch.ones(1, 1, 4, 4, 4))
+
+
+def _parameters(form: str, d: int) -> int:
+    """Hand count of the block's parameters for ``in_channels = out_channels = d`` (3x3x3 kernels: 27 taps)."""
+    bn = 2 * d
+    deform = (d * d * 27 + d) + (d * 81 * 27 + 81) + bn  # weight + bias, offset conv (3 x 27 outputs), norm
+    if form == "paper":
+        hidden = max(3 * d // 16, 16)
+        static = (d * d * 27 + d + bn) + (d * d * 125 + d + bn)
+        attention = (3 * d * hidden + hidden) + 3 * (hidden * d + d)
+    else:
+        hidden = max(d // 16, 32)
+        static = 2 * (d * (d // 16) * 27 + d + bn)  # grouped (16) 3x3x3, plain and dilated
+        attention = (3 * d * d + d) + (d * hidden + hidden + 2 * hidden) + 3 * (hidden * d + d)  # mix, squeeze+BN
+    return static + deform + attention
+
+
+@pytest.mark.parametrize("form", ["paper", "authors"])
+@pytest.mark.parametrize("d", [32, 64])
+def test_forms_parameter_counts_and_shapes(form, d):
+    block = MultiCURE(3, d, **MULTICURE_FORMS[form])
+    assert sum(p.numel() for p in block.parameters()) == _parameters(form, d)
+    out, attn = block(torch.randn(2, d, 6, 6, 6), (torch.rand(2, 1, 12, 12, 12) > 0.8).float(), return_attention=True)
+    assert out.shape == (2, d, 6, 6, 6) and attn.shape == (2, 3, d)
+    torch.testing.assert_close(attn.sum(dim=1), torch.ones(2, d))
+
+
+@pytest.mark.parametrize("form", ["paper", "authors"])
+@pytest.mark.parametrize("deformable, use_uncertainty", [(True, True), (False, True), (True, False)])
+def test_forms_gradients_reach_every_branch_and_the_ablations_work(form, deformable, use_uncertainty):
+    torch.manual_seed(0)
+    block = MultiCURE(3, 16, deformable=deformable, use_uncertainty=use_uncertainty, **MULTICURE_FORMS[form])
+    x = torch.randn(2, 16, 6, 6, 6, requires_grad=True)
+    u = (torch.rand(2, 1, 12, 12, 12) > 0.7).float()
+    block(x, u).square().mean().backward()
+    for name in ("branch_small", "branch_large", "branch_deform", "squeeze", "excite"):
+        grads = [p.grad for p in getattr(block, name).parameters()]
+        assert grads and all(g is not None and g.abs().sum() > 0 for g in grads), name
+    if form == "authors":
+        assert block.mix is not None and block.mix.weight.grad.abs().sum() > 0
+    zero_map = block(x, torch.zeros_like(u))
+    assert torch.equal(block(x, u), zero_map) != use_uncertainty  # the map matters only when used
+
+
+def test_strided_resize_is_the_authors_max_pool():
+    """Halving with max-pool (3, stride 2, padding 1); an exact factor of 4 halves twice."""
+    torch.manual_seed(0)
+    u = (torch.rand(1, 1, 16, 16, 8) > 0.9).float()
+    pool = lambda t: torch.nn.functional.max_pool3d(t, 3, stride=2, padding=1)  # noqa: E731
+    assert torch.equal(resize_uncertainty_map(u, (8, 8, 4), pool="strided"), pool(u))
+    assert torch.equal(resize_uncertainty_map(u, (4, 4, 2), pool="strided"), pool(pool(u)))
+    assert not torch.equal(pool(u), resize_uncertainty_map(u, (8, 8, 4)))  # the forms differ
+    with pytest.raises(ValueError):
+        resize_uncertainty_map(u, (8, 8, 4), pool="nearest")
