@@ -7,8 +7,9 @@ fraction of voxels below the confidence threshold of training) near the ground-t
 and whether the uncertainty points at the errors (area under the ROC curve of the entropy as a detector of the
 misclassified voxels).
 
-MONAI provides the parts: :func:`monai.metrics.calibration_binning` (the binning behind its
-``CalibrationErrorMetric``) and :func:`monai.metrics.compute_roc_auc`; what it lacks is the region split
+MONAI provides the binning (:func:`monai.metrics.calibration_binning`, behind its ``CalibrationErrorMetric``);
+the AUROC is the rank form of :func:`monai.metrics.compute_roc_auc` (same values, no per-voxel Python loop). What
+MONAI lacks is the region split
 (a band of ``band_width`` voxels around the ground-truth surface and the rest) and one per-case record of all
 quantities, which this module adds. :class:`UncertaintyMetric` exposes one quantity as a MONAI
 ``CumulativeIterationMetric``, so the evaluator's ``MetricsSaver`` writes it per case like Dice.
@@ -20,7 +21,8 @@ import math
 
 import torch
 import torch.nn.functional as F
-from monai.metrics import CumulativeIterationMetric, calibration_binning, compute_roc_auc
+from scipy.stats import rankdata
+from monai.metrics import CumulativeIterationMetric, calibration_binning
 from monai.utils import MetricReduction
 from torch import Tensor
 
@@ -66,10 +68,17 @@ def _ece(prob: Tensor, target: Tensor, num_bins: int) -> float:
 
 
 def _auroc(score: Tensor, positive: Tensor) -> float:
-    """ROC AUC of ``score`` for ``positive`` (1D); NaN when only one class is present."""
+    """ROC AUC of ``score`` for ``positive`` (1D); NaN when only one class is present.
+
+    The Mann-Whitney form with tie-averaged ranks (``scipy.stats.rankdata``) equals MONAI's ``compute_roc_auc``
+    (tested) without its per-sample Python loop, which takes seconds on a million voxels.
+    """
     if positive.all() or not positive.any():
         return math.nan
-    return float(compute_roc_auc(score.double(), positive.double()))
+    ranks = rankdata(score.double().cpu().numpy())
+    pos = positive.cpu().numpy().astype(bool)
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
 def uncertainty_scores(
@@ -157,8 +166,9 @@ class UncertaintyMetric(CumulativeIterationMetric):
     def _compute_tensor(self, y_pred: Tensor, y: Tensor | None = None) -> Tensor:  # type: ignore[override]
         if y is None:
             raise ValueError("UncertaintyMetric needs the ground truth y.")
-        cases = uncertainty_scores(y_pred, y, self.threshold, self.band_width, self.num_bins)
+        cases = _cached_scores(y_pred, y, self.threshold, self.band_width, self.num_bins)
         return torch.tensor([[c[self.key]] for c in cases], dtype=torch.float32, device=y_pred.device)
+
 
     def aggregate(self, reduction: MetricReduction | str | None = None) -> Tensor:
         data = self.get_buffer()
@@ -172,3 +182,24 @@ class UncertaintyMetric(CumulativeIterationMetric):
         if mode == MetricReduction.NONE:
             return data
         return values.sum() if mode == MetricReduction.SUM else values.mean()
+
+
+_LAST: list = []  # [(key, probs, label, scores)]: the last case's scores, shared by the metrics of one evaluator
+
+
+def _cached_scores(probs: Tensor, label: Tensor, threshold: float, band_width: int, num_bins: int) -> list[dict]:
+    """:func:`uncertainty_scores`, computed once for the metrics that score the same case one after another.
+
+    The cache holds the tensors themselves, so their memory cannot be reused while the key (data pointer, shape,
+    strides, in-place version, settings) is kept: a hit is the same data.
+    """
+
+    def signature(t: Tensor) -> tuple:
+        return (t.data_ptr(), tuple(t.shape), t.stride(), t._version, t.dtype, t.device)
+
+    key = (signature(probs), signature(label), threshold, band_width, num_bins)
+    if _LAST and _LAST[0][0] == key:
+        return _LAST[0][3]
+    scores = uncertainty_scores(probs, label, threshold, band_width, num_bins)
+    _LAST[:] = [(key, probs, label, scores)]
+    return scores

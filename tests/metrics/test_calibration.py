@@ -95,3 +95,32 @@ def test_metric_gives_one_value_per_case_and_skips_undefined_ones() -> None:
     assert float(metric.aggregate()) == pytest.approx(1.0)
     with pytest.raises(ValueError):
         UncertaintyMetric("sharpness")
+
+
+def test_rank_auroc_equals_monai() -> None:
+    from monai.metrics import compute_roc_auc
+
+    from multicure_monai.metrics.calibration import _auroc
+
+    torch.manual_seed(0)
+    score = torch.rand(500).round(decimals=1)  # many ties
+    positive = torch.rand(500) > 0.7
+    assert _auroc(score, positive) == pytest.approx(float(compute_roc_auc(score.double(), positive.double())))
+
+
+def test_metrics_of_one_case_share_one_computation_and_stay_correct(monkeypatch) -> None:
+    import multicure_monai.metrics.calibration as calibration
+
+    calls = []
+    real = calibration.uncertainty_scores
+    monkeypatch.setattr(calibration, "uncertainty_scores", lambda *a: calls.append(1) or real(*a))
+    label = torch.zeros(1, 1, 6, 6, 6, dtype=torch.long)
+    label[..., :3] = 1
+    probs = _probs(torch.where(label > 0, 0.8, 0.3).float())
+    values = [UncertaintyMetric(q)(probs, label) for q in ("ece", "brier", "entropy")]
+    assert len(calls) == 1
+    probs.mul_(1.0)  # in place: a new version of the data is scored again
+    UncertaintyMetric("ece")(probs, label)
+    assert len(calls) == 2
+    expected = uncertainty_scores(probs, label)[0]
+    assert [float(v) for v in values] == pytest.approx([expected["ece"], expected["brier"], expected["entropy"]])
