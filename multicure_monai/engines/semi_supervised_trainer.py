@@ -22,8 +22,9 @@ One iteration (``L = L_s + lambda_u * L_u + lambda_c(t) * L_c``, eqs. 1-3 of the
                                                          predictive net (MCF's mutual correction)
     L_c = sum over ``contrastive_networks`` and feature levels of the prototype contrastive loss (eqs. 4-5),
           each net on its own projected decoder features; reliable voxels (conf > tau) build the class
-          prototypes, uncertain voxels (conf <= tau) are pulled to their class prototype; the class of a
-          voxel is the ground truth on labelled images and the predictive net's argmax on unlabelled ones;
+          prototypes, uncertain voxels (conf < tau, as in the uncertainty map) are pulled to their class
+          prototype; the class of a voxel is the ground truth on labelled images and the predictive net's argmax
+          on unlabelled ones;
           conf is always the predictive net's confidence (it is the net that defines uncertainty).
 
 Which net teaches (``teacher``): ``"predictive"`` is the paper (the V-Net's pseudo labels train the auxiliary
@@ -381,7 +382,7 @@ class SemiSupervisedTrainer(SupervisedTrainer):
                 conf_t, argmax_t = teacher_probs.max(dim=1, keepdim=True)
                 contrast_labels = torch.cat([labels.to(argmax_t.dtype), argmax_t[n_l:]], dim=0)
                 reliable = conf_t > self.uncertainty_threshold
-                uncertain = ~reliable
+                uncertain = conf_t < self.uncertainty_threshold  # the uncertainty map's definition
                 if self.contrastive_anchors == "labelled":
                     uncertain[n_l:] = False
                 contrast_terms, chance = zero, 0.0
