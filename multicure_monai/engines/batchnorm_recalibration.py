@@ -2,10 +2,8 @@
 
 BatchNorm's running statistics are an exponential moving average (momentum 0.1, about the last ten batches)
 of batch statistics taken while the weights move. When the weights move fast, as under the semi-supervised
-losses at the start of training, the average describes earlier weights and eval-mode outputs degrade. On
-LA-half (300 iterations, final checkpoints) the auxiliary ResNet-VNet, evaluated with its running statistics,
-over-segmented (precision 0.42, recall 0.99, Dice 0.63 on three validation cases) while the same weights with
-statistics recomputed from ten training batches scored 0.84; the measurements are in ``docs/results.md``.
+losses, the average describes earlier weights and eval-mode outputs degrade: on LA-half the auxiliary net,
+evaluated with its running statistics, over-segmented, and recomputed statistics restored it (``docs/results.md``).
 This is "precise BN" (Wu and Johnson, "Rethinking 'Batch' in BatchNorm", 2021): freeze the weights, run a
 few training batches in training mode, and set the running statistics to the plain average of their batch
 statistics. ``torch.optim.swa_utils.update_bn`` does it for a one-input model over a loader; here both nets run
