@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from types import ModuleType
+from typing import Protocol
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -85,9 +86,66 @@ def _chunks(geo: Geometry, chunk: int) -> Iterator[tuple[int, int, int]]:
             yield b, s0, min(s0 + chunk, geo.S)
 
 
+class ColumnSampler(Protocol):
+    """What :class:`~multicure_monai.networks.deform_conv_chunked.DeformConv3dFunction` asks of a sampler.
+
+    Implemented by :class:`~multicure_monai.networks.deform_conv_torch.GatherSampler` (pure PyTorch) and
+    :class:`~multicure_monai.networks.deform_conv_compiled.CompiledSampler` (the C++ kernels).
+    """
+
+    fused: bool
+
+    def columns(self, offv: torch.Tensor, maskv: torch.Tensor | None, b: int, s0: int, s1: int) -> torch.Tensor:
+        """Modulated columns of the output voxels ``s0:s1`` of batch item ``b``.
+
+        Args:
+            offv: offsets, (B, G_off, K, 3, S) (a view of the offset tensor).
+            maskv: None or mask, (B, G_off, K, S).
+            b: batch item.
+            s0, s1: range of flat output voxels (``n = s1 - s0``).
+
+        Returns:
+            (n, K*C_in) columns, row index ``k*C_in + c``.
+        """
+
+    def backward_chunk(
+        self,
+        offv: torch.Tensor,
+        maskv: torch.Tensor | None,
+        gcols: torch.Tensor,
+        b: int,
+        s0: int,
+        s1: int,
+        need_cols: bool,
+        g_off: torch.Tensor | None,
+        g_mask: torch.Tensor | None,
+    ) -> torch.Tensor | None:
+        """Backward of :meth:`columns` for one chunk.
+
+        Accumulates into the input gradient (when allocated) and writes the chunk's entries of ``g_off`` and
+        ``g_mask`` (each when given).
+
+        Args:
+            offv: offsets, (B, G_off, K, 3, S).
+            maskv: None or mask, (B, G_off, K, S).
+            gcols: gradient of the chunk's columns, (n, K*C_in).
+            b: batch item.
+            s0, s1: range of flat output voxels.
+            need_cols: return the recomputed columns (for the weight gradient).
+            g_off: None or offset gradient, (B, G_off, K, 3, S).
+            g_mask: None or mask gradient, (B, G_off, K, S).
+
+        Returns:
+            The recomputed modulated columns, (n, K*C_in), when ``need_cols``, else None.
+        """
+
+    def grad_input(self) -> torch.Tensor:
+        """The accumulated input gradient, (B, C_in, D, H, W)."""
+
+
 def _sampler(
     ext: ModuleType | None, geo: Geometry, x: torch.Tensor, groups: int, need_grad_x: bool = False
-) -> GatherSampler | CompiledSampler:
+) -> ColumnSampler:
     """The compiled-kernel sampler when ``ext`` is given, else the pure PyTorch gather sampler."""
     if ext is None:
         return GatherSampler(geo, x, need_grad_x)

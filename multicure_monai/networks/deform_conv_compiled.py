@@ -39,7 +39,7 @@ def _ext_args(geo: Geometry) -> tuple:
 
 
 class CompiledSampler:
-    """Sampling with the compiled CPU kernels, a sampler of the chunked autograd Function.
+    """Sampling with the compiled CPU kernels: a ``deform_conv_torch.ColumnSampler`` of the chunked Function.
 
     The input is copied once to channels-last ``(B, D, H, W, C_in)``; offsets and mask are passed as they are
     (the kernels take any strides).
@@ -61,17 +61,7 @@ class CompiledSampler:
         self.g_x_cl = torch.zeros_like(self.x_cl) if need_grad_x else None
 
     def columns(self, offv: torch.Tensor, maskv: torch.Tensor | None, b: int, s0: int, s1: int) -> torch.Tensor:
-        """Modulated columns of the output voxels ``s0:s1`` of batch item ``b`` (extension ``columns``).
-
-        Args:
-            offv: offsets, (B, G_off, K, 3, S).
-            maskv: None or mask, (B, G_off, K, S).
-            b: batch item.
-            s0, s1: range of flat output voxels (``n = s1 - s0``).
-
-        Returns:
-            (n, K*C_in) columns, row index ``k*C_in + c``.
-        """
+        """Columns of output voxels ``s0:s1`` of item ``b``: extension ``columns`` (see ``ColumnSampler``)."""
         return self.ext.columns(self.x_cl, offv, maskv, *_ext_args(self.geo), b, s0, s1).view(s1 - s0, -1)
 
     def backward_chunk(
@@ -86,24 +76,7 @@ class CompiledSampler:
         g_off: torch.Tensor | None,
         g_mask: torch.Tensor | None,
     ) -> torch.Tensor | None:
-        """Backward of :meth:`columns` for one chunk (extension ``backward``).
-
-        Accumulates into the input gradient (when allocated) and writes the chunk's entries of ``g_off`` and
-        ``g_mask`` (each when given).
-
-        Args:
-            offv: offsets, (B, G_off, K, 3, S).
-            maskv: None or mask, (B, G_off, K, S).
-            gcols: gradient of the chunk's columns, (n, K*C_in).
-            b: batch item.
-            s0, s1: range of flat output voxels.
-            need_cols: return the recomputed columns (for the weight gradient).
-            g_off: None or offset gradient, (B, G_off, K, 3, S).
-            g_mask: None or mask gradient, (B, G_off, K, S).
-
-        Returns:
-            The recomputed modulated columns, (n, K*C_in), when ``need_cols``, else None.
-        """
+        """Backward of :meth:`columns` for one chunk, extension ``backward`` (see ``ColumnSampler``)."""
         cols = self.ext.backward(
             self.x_cl, offv, maskv, gcols.contiguous(), *_ext_args(self.geo), b, s0, s1, need_cols, self.g_x_cl,
             g_off, g_mask,

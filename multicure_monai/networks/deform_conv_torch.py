@@ -206,8 +206,8 @@ def _padded_table(x: torch.Tensor, og: int) -> torch.Tensor:
 class GatherSampler:
     """Per-chunk sampling with ``embedding_bag`` gathers (``implementation="gather"``), any device.
 
-    A sampler of :class:`multicure_monai.networks.deform_conv_chunked.DeformConv3dFunction`: it builds the
-    padded row table once, then samples the columns of a chunk (forward) or distributes a chunk's column
+    A :class:`~multicure_monai.networks.deform_conv_chunked.ColumnSampler` of the chunked autograd Function: it
+    builds the padded row table once, then samples the columns of a chunk (forward) or distributes a chunk's column
     gradient to the input, offset and mask gradients (backward).
 
     Args:
@@ -225,17 +225,7 @@ class GatherSampler:
         self.g_table = torch.zeros_like(self.table) if need_grad_x else None
 
     def columns(self, offv: torch.Tensor, maskv: torch.Tensor | None, b: int, s0: int, s1: int) -> torch.Tensor:
-        """Modulated columns of the output voxels ``s0:s1`` of batch item ``b``.
-
-        Args:
-            offv: offsets, (B, G_off, K, 3, S) (a view of the offset tensor).
-            maskv: None or mask, (B, G_off, K, S).
-            b: batch item.
-            s0, s1: range of flat output voxels (``n = s1 - s0``).
-
-        Returns:
-            (n, K*C_in) columns, row index ``k*C_in + c``.
-        """
+        """Modulated columns of output voxels ``s0:s1`` of batch item ``b`` (see ``ColumnSampler``)."""
         geo = self.geo
         off_c = offv[b, ..., s0:s1].permute(3, 1, 0, 2)  # (n, K, og, 3)
         idx, w, _ = _chunk_setup(geo, b, s0, s1, off_c, derivs=False)
@@ -255,24 +245,7 @@ class GatherSampler:
         g_off: torch.Tensor | None,
         g_mask: torch.Tensor | None,
     ) -> torch.Tensor | None:
-        """Backward of :meth:`columns` for one chunk.
-
-        Accumulates into the input gradient (when allocated) and writes the chunk's entries of ``g_off`` and
-        ``g_mask`` (each when given).
-
-        Args:
-            offv: offsets, (B, G_off, K, 3, S).
-            maskv: None or mask, (B, G_off, K, S).
-            gcols: gradient of the chunk's columns, (n, K*C_in).
-            b: batch item.
-            s0, s1: range of flat output voxels.
-            need_cols: return the recomputed columns (for the weight gradient).
-            g_off: None or offset gradient, (B, G_off, K, 3, S).
-            g_mask: None or mask gradient, (B, G_off, K, S).
-
-        Returns:
-            The recomputed modulated columns, (n, K*C_in), when ``need_cols``, else None.
-        """
+        """Backward of :meth:`columns` for one chunk (see ``ColumnSampler``)."""
         geo = self.geo
         n, K, og = s1 - s0, geo.K, geo.og
         need_off = g_off is not None
