@@ -42,9 +42,12 @@ The engine's output dict carries ``image``, ``label``, ``pred`` (predictive logi
 crops, the teacher, the weights, the contrastive loss against its chance value, and every
 ``diagnostics_interval`` iterations the gradient norm each weighted loss sends into each net).
 
-The module is longer than the project's ~400-line guide on purpose: one iteration's whole data flow (which net
-sees what, which term trains which net) reads in one place; the unlabelled stream (:mod:`.cycling_loader`) and the
-diagnostics and NaN guard (:mod:`.diagnostics`) live in their own modules.
+The module is longer than the project's ~400-line guide (about 500 lines, half of them argument docs and checks)
+on purpose: it has one job, one iteration of the method, and its data flow (which net sees what, which term trains
+which net, which net teaches) reads in one place; splitting the loss assembly from the forward passes would put
+the two halves of that flow in different files. Everything around the iteration lives elsewhere: the unlabelled
+stream (:mod:`.cycling_loader`), diagnostics and the NaN guard (:mod:`.diagnostics`), BatchNorm recalibration
+(:mod:`.batchnorm_recalibration`), seeding (:mod:`.determinism`).
 """
 
 from __future__ import annotations
@@ -270,12 +273,13 @@ class SemiSupervisedTrainer(SupervisedTrainer):
 
     def forward_networks(
         self, x: torch.Tensor, with_features_p: bool = False, with_features_a: bool = False
-    ) -> tuple[torch.Tensor, list[torch.Tensor] | None, torch.Tensor, list[torch.Tensor] | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor] | None, torch.Tensor, list[torch.Tensor] | None]:
         """Both nets on ``x`` as in training: the predictive net, its uncertainty map, the auxiliary net on it.
 
         Returns:
-            ``(logits_p, feats_p, logits_a, feats_a)``: logits ``(B, N, H, W, D)``; the projected decoder features
-            of a net when asked for, else ``None``.
+            ``(logits_p, probs_p, feats_p, logits_a, feats_a)``: logits ``(B, N, H, W, D)``, the predictive net's
+            float32 softmax (the uncertainty map's source), the projected decoder features of a net when asked
+            for, else ``None``.
         """
         pred_uncertainty = None
         if self.predictive_uses_uncertainty:
@@ -284,10 +288,10 @@ class SemiSupervisedTrainer(SupervisedTrainer):
                     torch.softmax(self.network(x).float(), dim=1), self.uncertainty_threshold
                 )
         logits_p, feats_p = self._forward(self.network, x, pred_uncertainty, with_features_p)
-        with torch.no_grad():
-            unc = uncertainty_map(torch.softmax(logits_p.detach().float(), dim=1), self.uncertainty_threshold)
+        probs_p = torch.softmax(logits_p.float(), dim=1)
+        unc = uncertainty_map(probs_p, self.uncertainty_threshold)  # detached inside
         logits_a, feats_a = self._forward(self.aux_network, x, unc, with_features_a)
-        return logits_p, feats_p, logits_a, feats_a
+        return logits_p, probs_p, feats_p, logits_a, feats_a
 
     # ------------------------------------------------------------- iteration
     def _iteration(self, engine: SupervisedTrainer, batchdata: dict[str, torch.Tensor]) -> dict:  # type: ignore[override]
@@ -348,8 +352,7 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         """Forward both nets on ``x`` (labelled first) and compute every loss term; see the module docstring."""
         want_p = use_contrastive and "predictive" in self.contrastive_networks
         want_a = use_contrastive and "auxiliary" in self.contrastive_networks
-        logits_p, feats_p, logits_a, feats_a = self.forward_networks(x, want_p, want_a)
-        probs_p = torch.softmax(logits_p.float(), dim=1)
+        logits_p, probs_p, feats_p, logits_a, feats_a = self.forward_networks(x, want_p, want_a)
         probs_a = torch.softmax(logits_a.float(), dim=1)
 
         labels = y_l.long()
