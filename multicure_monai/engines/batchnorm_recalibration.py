@@ -113,7 +113,7 @@ class BatchNormRecalibration:
 
     def _steps(self, engine: Engine) -> Iterator[None]:
         """One training-like forward of both nets per batch, under the trainer's autocast setting."""
-        autocast = bool(engine.amp) and torch.device(engine.state.device).type == "cuda"  # type: ignore[attr-defined]
+        autocast = engine.uses_autocast  # type: ignore[attr-defined]
         kwargs = engine.amp_kwargs if autocast else {}  # type: ignore[attr-defined]
         for x in engine.training_inputs(self.num_batches):  # type: ignore[attr-defined]
             with torch.autocast("cuda", enabled=autocast, **kwargs):

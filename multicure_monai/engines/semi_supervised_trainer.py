@@ -255,6 +255,11 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         """The contrastive weight at a 1-based iteration number."""
         return _weight_at(self.contrastive_weight, iteration)
 
+    @property
+    def uses_autocast(self) -> bool:
+        """Whether the forward passes run under CUDA autocast (``amp`` on a CUDA device)."""
+        return bool(self.amp) and torch.device(self.state.device).type == "cuda"
+
     def training_inputs(self, num_batches: int) -> Iterator[torch.Tensor]:
         """``num_batches`` network inputs built like an iteration's ``x``: a labelled batch (a fresh pass over the
         labelled loader, restarted when it runs out) followed by the next unlabelled batch (none when
@@ -312,7 +317,7 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         self.network.train()
         self.aux_network.train()
         self.optimizer.zero_grad(set_to_none=self.optim_set_to_none)
-        autocast = self.amp and torch.device(engine.state.device).type == "cuda"
+        autocast = self.uses_autocast
         with torch.autocast("cuda", enabled=autocast, **(self.amp_kwargs if autocast else {})):
             terms = self._compute_losses(x, y_l, n_l, lambda_c, use_contrastive)
         weighted = terms.pop("_weighted")

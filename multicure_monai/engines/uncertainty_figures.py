@@ -27,6 +27,16 @@ from monai.metrics import calibration_binning
 __all__ = ["UncertaintyFigures"]
 
 
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the headless Agg backend (imported when a figure is drawn, not at import)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def _case_name(item: dict, index: int) -> str:
     meta = getattr(item.get("image"), "meta", {}) or {}
     path = str(meta.get("filename_or_obj", f"case{index:03d}"))
@@ -100,11 +110,7 @@ class UncertaintyFigures:
     def completed(self, engine: Engine) -> None:
         if self._count.sum() == 0:
             return
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = _pyplot()
         os.makedirs(self.output_dir, exist_ok=True)
         used = self._count > 0
         mean_p = self._sum_p[used] / self._count[used]
@@ -125,11 +131,7 @@ class UncertaintyFigures:
         plt.close(fig)
 
     def _panel(self, case: str, image: torch.Tensor, label: torch.Tensor, probs: torch.Tensor) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = _pyplot()
         os.makedirs(self.output_dir, exist_ok=True)
         pred = probs.argmax(0)
         uncertain = probs.amax(0) < self.threshold
