@@ -42,11 +42,12 @@ The engine's output dict carries ``image``, ``label``, ``pred`` (predictive logi
 crops, the teacher, the weights, the contrastive loss against its chance value, and every
 ``diagnostics_interval`` iterations the gradient norm each weighted loss sends into each net).
 
-The module is longer than the project's ~400-line guide (about 500 lines, half of them argument docs and checks)
+The module is longer than the project's ~400-line guide (about 480 lines, a third of them argument docs and checks)
 on purpose: it has one job, one iteration of the method, and its data flow (which net sees what, which term trains
 which net, which net teaches) reads in one place; splitting the loss assembly from the forward passes would put
 the two halves of that flow in different files. Everything around the iteration lives elsewhere: the unlabelled
-stream (:mod:`.cycling_loader`), diagnostics and the NaN guard (:mod:`.diagnostics`), BatchNorm recalibration
+stream (:mod:`.cycling_loader`), the teacher choice (:mod:`.teachers`), diagnostics and the NaN guard
+(:mod:`.diagnostics`), BatchNorm recalibration
 (:mod:`.batchnorm_recalibration`), seeding (:mod:`.determinism`).
 """
 
@@ -64,6 +65,7 @@ from torch.optim.optimizer import Optimizer
 
 from multicure_monai.engines.cycling_loader import CyclingLoader
 from multicure_monai.engines.diagnostics import check_finite_losses, loss_gradient_norms
+from multicure_monai.engines.teachers import TEACHERS, select_teacher
 from multicure_monai.losses.prototype_contrastive import PrototypeContrastiveLoss
 from multicure_monai.losses.pseudo_label import PseudoLabelLoss
 from multicure_monai.uncertainty import uncertainty_map
@@ -72,7 +74,6 @@ __all__ = ["SemiSupervisedTrainer", "LOSS_TERMS", "TEACHERS", "CONTRASTIVE_ANCHO
 
 LOSS_TERMS = ("loss", "loss_sup", "loss_pseudo", "loss_reg", "loss_unsup", "loss_contrastive")
 _NETWORK_NAMES = ("predictive", "auxiliary")
-TEACHERS = ("predictive", "better", "ema")
 CONTRASTIVE_ANCHORS = ("all", "labelled")
 
 
@@ -370,7 +371,9 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         teacher_index = 0  # 0: predictive, 1: auxiliary, 2: EMA
         diag: dict[str, Any] = {}
         if not self.supervised_only:
-            teacher_index, teacher_probs, students = self._teacher(x, probs_p, probs_a, logits_p, logits_a, sup_p, sup_a)
+            teacher_index, teacher_probs, students = select_teacher(
+                self.teacher, x, (logits_p, probs_p, sup_p), (logits_a, probs_a, sup_a), self.ema_network
+            )
             teacher_u = teacher_probs[n_l:]
             fractions = []
             for s_logits, s_probs in students:
@@ -442,28 +445,6 @@ class SemiSupervisedTrainer(SupervisedTrainer):
             },
             **diag,
         }
-
-    def _teacher(
-        self,
-        x: torch.Tensor,
-        probs_p: torch.Tensor,
-        probs_a: torch.Tensor,
-        logits_p: torch.Tensor,
-        logits_a: torch.Tensor,
-        sup_p: torch.Tensor,
-        sup_a: torch.Tensor,
-    ) -> tuple[int, torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
-        """The teacher (0 predictive, 1 auxiliary, 2 EMA), its detached probabilities ``(B, C, *S)`` and the
-        students' ``(logits, probs)``."""
-        if self.teacher == "ema":
-            assert self.ema_network is not None
-            with torch.no_grad():
-                self.ema_network.train()
-                teacher = torch.softmax(self.ema_network(x).float(), dim=1)
-            return 2, teacher, [(logits_p, probs_p), (logits_a, probs_a)]
-        if self.teacher == "better" and bool(sup_a.detach() < sup_p.detach()):
-            return 1, probs_a.detach(), [(logits_p, probs_p)]
-        return 0, probs_p.detach(), [(logits_a, probs_a)]
 
     @staticmethod
     def _forward(
