@@ -47,8 +47,7 @@ on purpose: it has one job, one iteration of the method, and its data flow (whic
 which net, which net teaches) reads in one place; splitting the loss assembly from the forward passes would put
 the two halves of that flow in different files. Everything around the iteration lives elsewhere: the unlabelled
 stream (:mod:`.cycling_loader`), the teacher choice (:mod:`.teachers`), diagnostics and the NaN guard
-(:mod:`.diagnostics`), BatchNorm recalibration
-(:mod:`.batchnorm_recalibration`), seeding (:mod:`.determinism`).
+(:mod:`.diagnostics`), BatchNorm recalibration (:mod:`.batchnorm_recalibration`), seeding (:mod:`.determinism`).
 """
 
 from __future__ import annotations
