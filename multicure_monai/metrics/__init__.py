@@ -1,10 +1,12 @@
 """Evaluation metrics: Dice, Jaccard, 95HD and ASD with explicit empty-mask conventions (``surface_distance``),
-calibration and uncertainty of the foreground probability (``calibration``), and their wiring into a MONAI
-evaluator (``handlers``)."""
+calibration and uncertainty of the foreground probability (``calibration``), a ground-truth-free uncertainty
+score per study for active learning (``study_uncertainty``), and their wiring into a MONAI evaluator
+(``handlers``)."""
 
 from __future__ import annotations
 
 from .calibration import UncertaintyMetric, boundary_band, uncertainty_scores
+from .study_uncertainty import STUDY_MEASURES, STUDY_REGIONS, study_uncertainty
 from .handlers import LabelToOneHot, calibration_metric_handlers, segmentation_metric_handlers
 from .surface_distance import (
     EMPTY_DIAGONAL,
@@ -18,10 +20,13 @@ __all__ = [
     "EmptyAwareHausdorffDistanceMetric",
     "EmptyAwareSurfaceDistanceMetric",
     "LabelToOneHot",
+    "STUDY_MEASURES",
+    "STUDY_REGIONS",
     "UncertaintyMetric",
     "boundary_band",
     "calibration_metric_handlers",
     "grid_diagonal",
     "segmentation_metric_handlers",
+    "study_uncertainty",
     "uncertainty_scores",
 ]

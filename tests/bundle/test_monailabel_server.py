@@ -10,6 +10,12 @@ a validation split, the second with every study labelled and no validation split
 few labels gets), and check each finishes and rewrites ``models/model.pt`` with exactly ``network_def``'s
 keys; infer again with the retrained weights.
 
+Active learning: the repository's own app (``monailabel_app/``) serves the same bundle with a crafted deployed
+model (a 1x1x1 convolution whose foreground probability is a sigmoid of the normalised intensity, so its
+uncertainty grows with image noise) over four studies from clean to noisy; ``/activelearning/uncertainty`` must
+offer the noisiest unlabelled study, with the score that the bundle's own ``run inference --save_uncertainty
+True`` maps give, and after each is labelled the next noisiest.
+
 MONAI Label needs torchvision, which the project's own environment does not have (see bundle/docs/README.md,
 "Serving the bundle with MONAI Label"): the server tests are skipped where ``monailabel`` is not installed, and ``.ci/label.sh`` runs them in their
 own environment with ``MULTICURE_REQUIRE_MONAILABEL=1``, which turns that skip into a failure. The
@@ -68,23 +74,26 @@ needs_monailabel = pytest.mark.skipif(
 )
 
 
-def _phantom(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """A noisy bright ellipsoid ``(H, W, D)`` float32 image and its uint8 label."""
+def _phantom(rng: np.random.Generator, noise: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
+    """A bright ellipsoid in Gaussian noise of std ``noise``: ``(H, W, D)`` float32 image and its uint8 label."""
     grid = np.meshgrid(*[np.linspace(-1, 1, n) for n in SHAPE], indexing="ij")
     radii = rng.uniform(0.35, 0.55, size=3)
     centre = rng.uniform(-0.15, 0.15, size=3)
     inside = sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii)) <= 1.0
-    image = (rng.normal(0.0, 0.3, SHAPE) + 1.5 * inside).astype(np.float32)
+    image = (rng.normal(0.0, noise, SHAPE) + 1.5 * inside).astype(np.float32)
     return image, inside.astype(np.uint8)
 
 
-def _write_studies(studies: Path, num: int = 3, seed: int = 7) -> dict[str, np.ndarray]:
-    """``num`` synthetic volumes ``case<i>.nii.gz`` in ``studies``; returns their labels by image id."""
+def _write_studies(
+    studies: Path, num: int = 3, seed: int = 7, noise: tuple[float, ...] = ()
+) -> dict[str, np.ndarray]:
+    """``num`` synthetic volumes ``case<i>.nii.gz`` in ``studies`` (noise std ``noise[i]``, default 0.3); returns
+    their labels by image id."""
     studies.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     labels = {}
     for i in range(num):
-        image, label = _phantom(rng)
+        image, label = _phantom(rng, noise[i] if noise else 0.3)
         nib.save(nib.Nifti1Image(image, AFFINE), str(studies / f"case{i}.nii.gz"))
         labels[f"case{i}"] = label
     return labels
@@ -264,7 +273,7 @@ def _env() -> dict[str, str]:
 class Server:
     """``monailabel start_server`` in its own process group; :meth:`stop` kills the group (trainers included)."""
 
-    def __init__(self, app: Path, studies: Path, log: Path) -> None:
+    def __init__(self, app: Path, studies: Path, log: Path, conf: tuple[str, ...] = ()) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
@@ -276,6 +285,7 @@ class Server:
             "--conf", "zoo_source", "github",  # anything but "monaihosting": no zoo listing, local bundle only
             "--conf", "sam2", "false",
             "--conf", "preload", "false",
+            *conf,
             "--host", "127.0.0.1",
             "--port", str(self.port),
         ]  # fmt: skip
@@ -458,3 +468,107 @@ def test_train_on_saved_labels_then_infer_with_new_weights(served: dict, tmp_pat
     mask, _, _ = _infer(served, "case2", tmp_path / "case2_pred.nii.gz")
     assert mask.shape == SHAPE
     assert set(np.unique(mask).tolist()) <= {0, *_expected_labels(served["bundle"]).values()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# uncertainty-driven active learning: the repository's own app (monailabel_app/), the same bundle
+
+APP = REPO / "monailabel_app"
+AL_NOISE = (0.2, 0.5, 1.0, 1.6)  # four studies from clean to noisy
+SCORE_KEY = "multicure_uncertainty"
+# the crafted deployed model: a 1x1x1 convolution, foreground probability sigmoid(3 (x - 1)) of the normalised
+# intensity x. Its uncertainty grows with the image noise, so the study it is least sure about is the noisiest.
+CRAFTED_NETWORK = {"_target_": "torch.nn.Conv3d", "in_channels": 1, "out_channels": 2, "kernel_size": 1}
+
+
+def _crafted_model(bundle: Path) -> None:
+    path = bundle / "configs" / "inference.yaml"
+    config = ConfigParser.load_config_file(str(path))
+    config["network_def"] = CRAFTED_NETWORK
+    ConfigParser.export_config_file(config, str(path), fmt="yaml")
+    state = {"weight": torch.tensor([0.0, 3.0]).view(2, 1, 1, 1, 1), "bias": torch.tensor([0.0, -3.0])}
+    (bundle / "models").mkdir(exist_ok=True)
+    torch.save(state, bundle / "models" / "model.pt")
+
+
+@pytest.fixture(scope="module")
+def served_app(tmp_path_factory: pytest.TempPathFactory):
+    if not HAS_MONAILABEL:
+        pytest.skip("monailabel is not installed")
+    root = tmp_path_factory.mktemp("monailabel_app")
+    app = root / "apps" / "multicure"
+    shutil.copytree(APP, app, ignore=shutil.ignore_patterns("__pycache__", "model"))
+    bundle = _copy_bundle(app / "model" / MODEL)
+    _crafted_model(bundle)
+    studies = root / "studies"
+    labels = _write_studies(studies, num=len(AL_NOISE), seed=11, noise=AL_NOISE)
+    server = Server(app, studies, root / "server.log", conf=("--conf", "uncertainty_measure", "entropy"))
+    try:
+        info = server.wait_ready(START_TIMEOUT)
+        yield {"server": server, "info": info, "bundle": bundle, "labels": labels, "root": root, "studies": studies}
+    finally:
+        server.stop()
+
+
+def _expected_uncertainty(bundle: Path, studies: Path, out: Path, threshold: float = 0.7) -> dict[str, float]:
+    """Each study's mean normalised entropy over its structure region, from the bundle's own inference run
+    (``run inference --save_uncertainty True``: mask, confidence and entropy maps on disk), not the app's code."""
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "inference",
+           "--config_file", str(bundle / "configs" / "inference.yaml"), "--bundle_root", str(bundle),
+           "--input_dir", str(studies), "--output_dir", str(out), "--save_uncertainty", "True",
+           "--device", "cpu"]  # fmt: skip
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=INFER_TIMEOUT, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    scores = {}
+    for image in sorted(studies.glob("case*.nii.gz")):
+        name = image.name[: -len(".nii.gz")]
+        seg, conf, ent = (np.asarray(nib.load(str(out / f"{name}_{m}.nii.gz")).dataobj)
+                          for m in ("seg", "confidence", "entropy"))  # fmt: skip
+        region = (seg > 0) | (conf < threshold)
+        scores[name] = float(ent[region].mean()) if region.any() else 0.0
+    return scores
+
+
+def _scoring_sync(server: Server) -> dict:
+    """``POST /scoring/uncertainty?run_sync=true``, retried while the start-up scoring still runs (429)."""
+    import requests
+
+    deadline = time.monotonic() + INFER_TIMEOUT
+    while True:
+        r = requests.post(f"{server.url}/scoring/uncertainty", params={"run_sync": "true"}, timeout=INFER_TIMEOUT)
+        if r.status_code != 429 or time.monotonic() > deadline:
+            break
+        time.sleep(2.0)
+    assert r.status_code == 200, f"{r.status_code} {r.text[:2000]}\n{server.log_tail()}"
+    return r.json()
+
+
+@needs_monailabel
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_active_learning_offers_the_study_the_model_is_least_sure_about(served_app: dict, tmp_path: Path) -> None:
+    import requests
+
+    server = served_app["server"]
+    info = served_app["info"]
+    assert "uncertainty" in info["strategies"], info["strategies"]
+    assert "uncertainty" in info["scoring"], info["scoring"]
+    assert MODEL in info["models"] and MODEL in info["trainers"]
+    expected = _expected_uncertainty(served_app["bundle"], served_app["studies"], tmp_path / "inference")
+    _scoring_sync(server)
+    noisiest_first = [f"case{i}" for i in np.argsort(AL_NOISE)[::-1]]
+    assert sorted(expected, key=expected.get, reverse=True) == noisiest_first, expected
+    labelled: set[str] = set()
+    for _ in range(len(AL_NOISE) - 1):
+        remaining = {k: v for k, v in expected.items() if k not in labelled}
+        ranked = sorted(remaining, key=remaining.get, reverse=True)
+        assert remaining[ranked[0]] - remaining[ranked[1]] > 1e-3 * remaining[ranked[0]], f"a near tie: {expected}"
+        r = requests.post(f"{server.url}/activelearning/uncertainty", json={}, timeout=60)
+        assert r.status_code == 200, f"{r.status_code} {r.text[:2000]}\n{server.log_tail()}"
+        answer = r.json()
+        assert answer["id"] == ranked[0], (answer, expected)
+        assert answer[SCORE_KEY] == pytest.approx(expected[ranked[0]], rel=1e-3, abs=1e-5), (answer, expected)
+        # the annotator labels it; the next answer is the least sure of the studies still unlabelled
+        _save_label(served_app, ranked[0], tmp_path)
+        labelled.add(ranked[0])
+    print(f"\nuncertainty scores (entropy, structure region): {expected}")
