@@ -1,20 +1,21 @@
-"""Time one full training iteration of the method against a plain two-network reference, side by side.
+"""Time one full training iteration of the method, in each MultiCURE form, against a plain two-network step.
 
-``full``: predictive V-Net + auxiliary ResNet-VNet with MultiCURE (uncertainty map), supervised, pseudo-label,
-XOR and prototype contrastive losses, backward and SGD step — exactly what
-:class:`~multicure_monai.engines.SemiSupervisedTrainer` does per iteration (it calls the trainer's own
-``_compute_losses``).
+``paper`` / ``authors`` (``--forms``): predictive V-Net + auxiliary ResNet-VNet with MultiCURE in that form
+(:data:`multicure_monai.networks.multicure.MULTICURE_FORMS`: the paper's dense 3x3x3 / 5x5x5 branches, or the
+authors' grouped 3x3x3 / dilated 3x3x3 with the mixing convolution), supervised, pseudo-label, XOR and prototype
+contrastive losses, backward and SGD step — exactly what :class:`~multicure_monai.engines.SemiSupervisedTrainer`
+does per iteration (it calls the trainer's own ``_compute_losses``).
 ``reference``: the same two networks without MultiCURE and without the contrastive loss (a straightforward
 V-Net + ResNet-34 co-training step, supervised + pseudo-label + XOR losses).
 
-Both run in one process on the same random input, alternating, and the script prints medians of:
+All run in one process on the same random input, alternating, and the script prints medians of:
 
 * the split of a step: ``forward_and_losses`` / ``backward`` / ``step`` / ``total``, and inside the forward the
   time of each network and of each loss (``fwd:`` line);
 * each loss alone, forward + backward, re-run on the exact tensors it got in the step (``loss fwd+bwd:`` line);
 * peak memory (CUDA: ``max_memory_allocated``; CPU: peak RSS read from ``/proc/self/status``, coarse);
-* the ratio full / reference, of the medians and of the fastest steps (on a shared machine, noise only adds
-  time), and a floor for it: the forward + backward time of the dense convolutions the
+* the ratio of each form to the reference, of the medians and of the fastest steps (on a shared machine, noise
+  only adds time), and a floor for it: the forward + backward time of the dense convolutions the
   paper's MultiCURE block requires whatever the implementation (3x3x3 and 5x5x5 branches, the 3x3x3 offset
   convolution, and a plain 3x3x3 convolution standing for the deformable convolution's own product), timed on
   the block's real input. ``1 + floor / reference`` is the ratio a step would have if everything else the
@@ -23,6 +24,7 @@ Both run in one process on the same random input, alternating, and the script pr
 Examples::
 
     python benchmarks/train_step.py                                   # half-resolution LA: 2+2 x 56x56x40
+    python benchmarks/train_step.py --forms authors                   # the reference and one form only
     python benchmarks/train_step.py --roi 112 112 80 --repeats 2      # the paper's geometry
     python benchmarks/train_step.py --no-channels-last                # measure what channels_last_3d buys
 """
@@ -41,6 +43,7 @@ from multicure_monai.engines.semi_supervised_trainer import SemiSupervisedTraine
 from multicure_monai.losses.prototype_contrastive import PrototypeContrastiveLoss
 from multicure_monai.losses.pseudo_label import PseudoLabelLoss
 from multicure_monai.losses.xor_regularization import XORRegularizationLoss
+from multicure_monai.networks.multicure import MULTICURE_FORMS
 from multicure_monai.networks.resnet_vnet import ResNetVNet
 from multicure_monai.networks.vnet import VNet
 
@@ -164,11 +167,16 @@ def dense_conv_floor(trainer: SemiSupervisedTrainer, x: torch.Tensor, repeats: i
     return out
 
 
-def build(full: bool, device: torch.device, channels_last: bool, multicure_level: int = 1) -> SemiSupervisedTrainer:
+def build(
+    form: str | None, device: torch.device, channels_last: bool, multicure_level: int = 1
+) -> SemiSupervisedTrainer:
+    """The trainer of the full method with MultiCURE in ``form``; ``None``: the plain two-network reference."""
     torch.manual_seed(0)
+    full = form is not None
     fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
     net = VNet().to(device, memory_format=fmt)
-    aux = ResNetVNet(multicure=full, multicure_level=multicure_level).to(device, memory_format=fmt)
+    aux = ResNetVNet(multicure=full, multicure_level=multicure_level, multicure_kwargs={"form": form} if full else None)
+    aux = aux.to(device, memory_format=fmt)
     return SemiSupervisedTrainer(
         device=device,
         max_epochs=1,
@@ -219,6 +227,7 @@ def main() -> None:
     parser.add_argument("--no-channels-last", action="store_true")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
     parser.add_argument("--multicure-level", type=int, default=1, help="decoder level of the MultiCURE block")
+    parser.add_argument("--forms", nargs="+", default=list(MULTICURE_FORMS), choices=list(MULTICURE_FORMS))
     args = parser.parse_args()
     device = torch.device(args.device)
     channels_last = not args.no_channels_last
@@ -227,10 +236,8 @@ def main() -> None:
     x = torch.randn(n, 1, *args.roi, generator=g).to(device)
     y = (torch.rand(args.labelled, 1, *args.roi, generator=g) > 0.7).float().to(device)
 
-    trainers = {
-        "reference": build(False, device, channels_last),
-        "full": build(True, device, channels_last, args.multicure_level),
-    }
+    trainers = {"reference": build(None, device, channels_last)}
+    trainers.update({form: build(form, device, channels_last, args.multicure_level) for form in args.forms})
     timed = {name: instrument(trainer) for name, trainer in trainers.items()}
     results: dict[str, list[dict[str, float]]] = {k: [] for k in trainers}
     peaks: dict[str, float] = {}
@@ -253,7 +260,7 @@ def main() -> None:
                 row.update({f"alone:{k}": loss_alone(timed[name][k]) for k in _LOSSES if k in timed[name]})
             results[name].append(row)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
-        floor = dense_conv_floor(trainers["full"], x, args.repeats)
+        floors = {form: dense_conv_floor(trainers[form], x, args.repeats) for form in args.forms}
 
     print(f"device={device} roi={tuple(args.roi)} batch={n_l}+{args.unlabelled} channels_last={channels_last} "
           f"amp={args.amp} multicure_level={args.multicure_level} threads={torch.get_num_threads()} repeats={args.repeats}")
@@ -267,16 +274,17 @@ def main() -> None:
             tail = f"  peak={peaks[name]:.0f} {unit}" if not prefix else ""
             print(f"{label} {parts}{tail}")
     ref = med["reference"]["total"]
-    floor_total = sum(floor.values())
-    print("MultiCURE dense convolutions, forward+backward on the block input: "
-          + "  ".join(f"{k}={v:.3f}s" for k, v in floor.items()) + f"  sum={floor_total:.3f}s")
-    print(f"floor of the ratio (reference + those convolutions only): {1 + floor_total / ref:.2f}x")
-    print(f"ratio full/reference (total): {med['full']['total'] / ref:.2f}x (medians)")
     # a busy or shared machine only ever adds time, so the fastest of the alternating steps is the estimate
     # least disturbed by it; both are printed, and both come from the same alternating runs
     fastest = {name: min(r["total"] for r in rows) for name, rows in results.items()}
-    print(f"ratio full/reference (total, fastest steps): {fastest['full'] / fastest['reference']:.2f}x "
-          f"({fastest['full']:.2f}s / {fastest['reference']:.2f}s)")
+    for form, floor in floors.items():
+        floor_total = sum(floor.values())
+        print(f"{form} MultiCURE convolutions, forward+backward on the block input: "
+              + "  ".join(f"{k}={v:.3f}s" for k, v in floor.items()) + f"  sum={floor_total:.3f}s")
+        print(f"{form} floor of the ratio (reference + those convolutions only): {1 + floor_total / ref:.2f}x")
+        print(f"ratio {form}/reference (total): {med[form]['total'] / ref:.2f}x (medians)")
+        print(f"ratio {form}/reference (total, fastest steps): {fastest[form] / fastest['reference']:.2f}x "
+              f"({fastest[form]:.2f}s / {fastest['reference']:.2f}s)")
 
 
 if __name__ == "__main__":
