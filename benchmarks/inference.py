@@ -13,10 +13,15 @@ per second, the maximum absolute difference of the output (log averaged probabil
 The paper's LA geometry is a ~190x140x88 volume, 112x112x80 windows, stride 18x18x4 (54 windows). On a CPU
 that takes many minutes per configuration (a 56x56x40 window alone took ~3 s on one busy core), so the default is
 CPU-sized: the bundle's 48x48x32 windows at half the paper's stride (9x9x2) over a 56x52x36 volume (12 windows,
-the three-axis overlap pattern of the paper, a few minutes for the whole table). Examples::
+the three-axis overlap pattern of the paper, a few minutes for the whole table).
+
+``--la`` times what a user deploys on LA: the half-resolution volume (95x70x44, la_half.yaml: roi 56x56x40,
+stride 9x9x2) and the full-resolution one (la.yaml), the deployed ensemble next to the predictive net alone
+(``--models``), at the bundle's default settings for the device (CPU: 4 windows per call, channels_last_3d; CUDA:
+8, contiguous) unless ``--sw-batch-sizes`` / the format comparison are asked for. Examples::
 
     python benchmarks/inference.py                                       # CPU-sized default
-    python benchmarks/inference.py --la                                  # 1x1x190x140x88, roi 112x112x80
+    python benchmarks/inference.py --la --repeats 1                      # LA half and full, ensemble vs V-Net
     python benchmarks/inference.py --la --amp --device cuda --repeats 3  # GPU, with bf16 / fp16 autocast
     python benchmarks/inference.py --sw-batch-sizes 1 2 4 --no-channels-last-compare
 """
@@ -38,6 +43,7 @@ from multicure_monai.networks.vnet import VNet
 from multicure_monai.sliding_window import StridedSlidingWindowInferer
 
 LA_SHAPE, LA_ROI, LA_STRIDE = (190, 140, 88), (112, 112, 80), (18, 18, 4)
+LA_HALF_SHAPE, LA_HALF_ROI, LA_HALF_STRIDE = (95, 70, 44), (56, 56, 40), (9, 9, 2)
 CPU_SHAPE, CPU_ROI, CPU_STRIDE = (56, 52, 36), (48, 48, 32), (9, 9, 2)
 
 
@@ -60,10 +66,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def build(device: torch.device, channels_last: bool, seed: int = 0) -> DualNetworkEnsemble:
-    """The deployed ensemble at the bundle's default sizes with random weights, in eval mode."""
+def build(device: torch.device, channels_last: bool, seed: int = 0, model: str = "ensemble") -> torch.nn.Module:
+    """The deployed ensemble (or its predictive V-Net alone) with random weights, in eval mode."""
     torch.manual_seed(seed)
-    net = DualNetworkEnsemble(VNet(), ResNetVNet(multicure=True))
+    net: torch.nn.Module = DualNetworkEnsemble(VNet(), ResNetVNet(multicure=True))
+    if model == "predictive":
+        net = net.predictive
     fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
     return net.to(device, memory_format=fmt).eval()
 
@@ -109,9 +117,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--shape", type=int, nargs=3, help="volume H W D (overrides the default / --la)")
     p.add_argument("--roi", type=int, nargs=3, help="window size")
     p.add_argument("--stride", type=int, nargs=3, help="window stride")
-    p.add_argument("--sw-batch-sizes", type=int, nargs="+", default=[1, 4, 8])
+    p.add_argument("--sw-batch-sizes", type=int, nargs="+", help="windows per call (default 1 4 8; --la: the bundle's)")
+    p.add_argument("--models", nargs="+", choices=["ensemble", "predictive"], help="default: ensemble (--la: both)")
     p.add_argument("--amp", action="store_true", help="also bf16 / fp16 autocast (CUDA only)")
-    p.add_argument("--no-channels-last-compare", action="store_true", help="only channels_last_3d (bundle default)")
+    p.add_argument("--no-channels-last-compare", action="store_true", help="only channels_last_3d")
+    p.add_argument("--channels-last-compare", action="store_true", help="with --la: both memory formats")
     p.add_argument("--repeats", type=int, default=2, help="timed passes per configuration (best, median reported)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
@@ -120,49 +130,80 @@ def main(argv: Sequence[str] | None = None) -> None:
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    shape, roi, stride = (LA_SHAPE, LA_ROI, LA_STRIDE) if args.la else (CPU_SHAPE, CPU_ROI, CPU_STRIDE)
-    shape, roi, stride = tuple(args.shape or shape), tuple(args.roi or roi), tuple(args.stride or stride)
-    torch.manual_seed(1)
-    image = torch.randn(1, 1, *shape, device=device)
-    desc = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    if args.la and not args.shape:
+        geometries = [(LA_HALF_SHAPE, LA_HALF_ROI, LA_HALF_STRIDE), (LA_SHAPE, LA_ROI, LA_STRIDE)]
+    else:
+        shape, roi, stride = (LA_SHAPE, LA_ROI, LA_STRIDE) if args.la else (CPU_SHAPE, CPU_ROI, CPU_STRIDE)
+        geometries = [(tuple(args.shape or shape), tuple(args.roi or roi), tuple(args.stride or stride))]
+    cuda = device.type == "cuda"
+    if args.la:  # the bundle's defaults (inference.yaml) unless asked otherwise
+        batch_sizes = args.sw_batch_sizes or [8 if cuda else 4]
+        formats = [False, True] if args.channels_last_compare else [not cuda]
+        models = args.models or ["ensemble", "predictive"]
+    else:
+        batch_sizes = args.sw_batch_sizes or [1, 4, 8]
+        formats = [True] if args.no_channels_last_compare else [False, True]
+        models = args.models or ["ensemble"]
+    desc = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {desc}; torch {torch.__version__}")
-    print(f"volume 1x1x{'x'.join(map(str, shape))}, roi {'x'.join(map(str, roi))}, stride {'x'.join(map(str, stride))}")
-
-    formats = [True] if args.no_channels_last_compare else [False, True]
     amp_dtypes: list[torch.dtype | None] = [None]
     if args.amp:
-        if device.type == "cuda":
+        if cuda:
             amp_dtypes += [torch.bfloat16, torch.float16]
         else:
             print("AMP: skipped on CPU (the bundle enables autocast on CUDA only)")
+    nets = {(m, cl): build(device, cl, model=m) for m in models for cl in formats}
+    best_rows = []
+    for shape, roi, stride in geometries:
+        best_rows.append(_time_geometry(args, device, shape, roi, stride, nets, amp_dtypes, batch_sizes))
+    for (shape, roi, stride), rows in zip(geometries, best_rows):
+        geometry = f"{'x'.join(map(str, shape))} (roi {'x'.join(map(str, roi))}, stride {'x'.join(map(str, stride))})"
+        for model in models:
+            t, bs, fmt_name, amp_name, windows = min(r[:4] + (r[6],) for r in rows if r[5] == model)
+            print(f"fastest {model} on {geometry}: sw_batch_size={bs}, {fmt_name}, amp={amp_name} "
+                  f"({t:.2f} s, {windows / t:.2f} windows/s, best of {args.repeats})")
+        if len(models) == 2:
+            fastest = {m: min(r[0] for r in rows if r[5] == m) for m in models}
+            print(f"ensemble / predictive alone on {geometry}: {fastest['ensemble'] / fastest['predictive']:.2f}x time")
 
-    nets = {cl: build(device, cl) for cl in formats}
+
+def _time_geometry(
+    args: argparse.Namespace,
+    device: torch.device,
+    shape: Sequence[int],
+    roi: Sequence[int],
+    stride: Sequence[int],
+    nets: dict[tuple[str, bool], torch.nn.Module],
+    amp_dtypes: Sequence[torch.dtype | None],
+    batch_sizes: Sequence[int],
+) -> list[tuple]:
+    """Print the table of one volume geometry; returns ``(best s, sw_batch, format, amp, diff, model, windows)``."""
+    torch.manual_seed(1)
+    image = torch.randn(1, 1, *shape, device=device)
+    print(f"volume 1x1x{'x'.join(map(str, shape))}, roi {'x'.join(map(str, roi))}, stride {'x'.join(map(str, stride))}")
     # warm-up (oneDNN / cuDNN algorithm selection, allocator) on a single window
     with torch.inference_mode():
-        for cl, net in nets.items():
+        for (_, cl), net in nets.items():
             warm = image[..., : roi[0], : roi[1], : roi[2]]
             net(warm.contiguous(memory_format=torch.channels_last_3d if cl else torch.contiguous_format))
     _sync(device)
-
-    reference: torch.Tensor | None = None
-    ref_labels: torch.Tensor | None = None
     header = (
-        f"{'sw_batch':>8} {'format':>13} {'amp':>5} {'best s':>8} {'median s':>8} {'windows':>7} {'win/s':>7} "
-        f"{'max|diff|':>10} {'label diff':>10}"
+        f"{'model':>10} {'sw_batch':>8} {'format':>13} {'amp':>5} {'best s':>8} {'median s':>8} {'windows':>7} "
+        f"{'win/s':>7} {'max|diff|':>10} {'label diff':>10}"
     )
     print(header)
     print("-" * len(header))
     rows = []
-    for amp_dtype in amp_dtypes:
-        for cl in formats:
-            for bs in args.sw_batch_sizes:
+    references: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # each model's first configuration
+    for (model, cl), net in nets.items():
+        for amp_dtype in amp_dtypes:
+            for bs in batch_sizes:
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
-                times, windows, out = run_config(image, nets[cl], roi, stride, bs, cl, amp_dtype, args.repeats)
+                times, windows, out = run_config(image, net, roi, stride, bs, cl, amp_dtype, args.repeats)
                 t, t_med = min(times), statistics.median(times)
                 labels = out.argmax(dim=1)
-                if reference is None:  # the first configuration: sw_batch_size 1 (as listed first), contiguous, fp32
-                    reference, ref_labels = out, labels
+                reference, ref_labels = references.setdefault(model, (out, labels))
                 diff = float((out - reference).abs().max())
                 label_diff = float((labels != ref_labels).float().mean())
                 amp_name = {None: "-", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
@@ -171,13 +212,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                 if device.type == "cuda":
                     mem = f"  peak {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
                 print(
-                    f"{bs:>8} {fmt_name:>13} {amp_name:>5} {t:>8.2f} {t_med:>8.2f} {windows:>7} {windows / t:>7.2f} "
-                    f"{diff:>10.2e} {label_diff:>10.2e}{mem}",
+                    f"{model:>10} {bs:>8} {fmt_name:>13} {amp_name:>5} {t:>8.2f} {t_med:>8.2f} {windows:>7} "
+                    f"{windows / t:>7.2f} {diff:>10.2e} {label_diff:>10.2e}{mem}",
                     flush=True,
                 )
-                rows.append((t, bs, fmt_name, amp_name, diff, label_diff))
-    best = min(rows)
-    print(f"fastest: sw_batch_size={best[1]}, {best[2]}, amp={best[3]} ({best[0]:.2f} s, best of {args.repeats})")
+                rows.append((t, bs, fmt_name, amp_name, diff, model, windows))
+    return rows
 
 
 if __name__ == "__main__":

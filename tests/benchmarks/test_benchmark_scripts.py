@@ -20,12 +20,15 @@ CASES = [
      ["ratio paper/reference (total):", "ratio authors/reference (total, fastest steps):",
       "authors floor of the ratio", "loss fwd+bwd: sup=", "contrastive="]),
     (["benchmarks/inference.py", "--shape", "20", "18", "16", "--roi", "16", "16", "16", "--stride", "4", "2", "16",
-      "--sw-batch-sizes", "1", "2", "--repeats", "1", "--device", "cpu", "--threads", "1"], ["fastest:"]),
+      "--sw-batch-sizes", "1", "2", "--repeats", "1", "--device", "cpu", "--threads", "1"], ["fastest ensemble on"]),
+    (["benchmarks/inference.py", "--la", "--shape", "20", "18", "16", "--roi", "16", "16", "16", "--stride", "4", "2",
+      "16", "--repeats", "1", "--device", "cpu", "--threads", "1"],
+     ["fastest predictive on", "ensemble / predictive alone on"]),
 ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("args, expected", CASES, ids=["deform_conv3d", "train_step", "inference"])
+@pytest.mark.parametrize("args, expected", CASES, ids=["deform_conv3d", "train_step", "inference", "inference_la"])
 def test_benchmark_runs_and_reports(args: list[str], expected: list[str]) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     out = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
