@@ -82,20 +82,26 @@ class DeployedModelUncertainty(ScoringMethod):
         model_ts = int(os.stat(model_file).st_mtime_ns)
         images = datastore.get_unlabeled_images()
         todo = [i for i in images if datastore.get_image_info(i).get(SCORE_TS_KEY) != model_ts]
-        start = time.time()
+        start, failed = time.time(), []
         if todo:
             device = request.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
             parser, network = self._model(device)
             preprocessing, inferer = parser.get_parsed_content("preprocessing"), parser.get_parsed_content("inferer")
             threshold = float(parser.get_parsed_content("uncertainty_threshold"))
             for image_id in todo:
-                image = preprocessing({"image": datastore.get_image_uri(image_id)})["image"]
-                with torch.no_grad():
-                    probs = torch.softmax(inferer(image.unsqueeze(0).to(device), network), dim=1)
-                score = float(study_uncertainty(probs, threshold, self.measure, self.region)[0])
+                try:  # one unreadable study must not stop the others from being ranked
+                    image = preprocessing({"image": datastore.get_image_uri(image_id)})["image"]
+                    with torch.no_grad():
+                        probs = torch.softmax(inferer(image.unsqueeze(0).to(device), network), dim=1)
+                    score = float(study_uncertainty(probs, threshold, self.measure, self.region)[0])
+                except Exception as e:  # noqa: BLE001
+                    failed.append(image_id)
+                    logger.warning(f"uncertainty scoring: {image_id} not scored: {type(e).__name__}: {e}")
+                    continue
                 datastore.update_image_info(image_id, {SCORE_KEY: score, SCORE_TS_KEY: model_ts})
                 logger.info(f"uncertainty scoring: {image_id} => {self.measure} {score:.5f}")
-        summary = {"total": len(images), "executed": len(todo), "latency": round(time.time() - start, 3)}
+        latency = round(time.time() - start, 3)
+        summary = {"total": len(images), "executed": len(todo), "failed": failed, "latency": latency}
         logger.info(f"uncertainty scoring: {summary}")
         return summary
 
