@@ -67,13 +67,16 @@ from multicure_monai.engines.diagnostics import check_finite_losses, loss_gradie
 from multicure_monai.engines.teachers import TEACHERS, select_teacher
 from multicure_monai.losses.prototype_contrastive import PrototypeContrastiveLoss
 from multicure_monai.losses.pseudo_label import PseudoLabelLoss
+from multicure_monai.metrics.calibration import boundary_band
 from multicure_monai.uncertainty import uncertainty_map
 
-__all__ = ["SemiSupervisedTrainer", "LOSS_TERMS", "TEACHERS", "CONTRASTIVE_ANCHORS"]
+__all__ = ["SemiSupervisedTrainer", "LOSS_TERMS", "TEACHERS", "CONTRASTIVE_ANCHORS", "CONTRASTIVE_BAND_WIDTH"]
 
 LOSS_TERMS = ("loss", "loss_sup", "loss_pseudo", "loss_reg", "loss_unsup", "loss_contrastive")
 _NETWORK_NAMES = ("predictive", "auxiliary")
-CONTRASTIVE_ANCHORS = ("all", "labelled")
+CONTRASTIVE_ANCHORS = ("all", "labelled", "band")
+#: Half-width in voxels of the ground-truth boundary band that ``contrastive_anchors="band"`` pulls.
+CONTRASTIVE_BAND_WIDTH = 2
 
 
 def _plain(x: Any) -> Any:
@@ -116,7 +119,9 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         contrastive_anchors: which uncertain voxels eq. 5 pulls to their prototype: ``"all"`` (the paper: on
             unlabelled images with the teacher's own argmax as their class) or ``"labelled"`` (only the labelled
             images' uncertain voxels, with their ground truth; unlabelled reliable voxels still build prototypes),
-            so no net is trained on labels of voxels its teacher is unsure of.
+            so no net is trained on labels of voxels its teacher is unsure of), or ``"band"`` (every labelled voxel
+            within ``CONTRASTIVE_BAND_WIDTH`` voxels of the ground-truth surface, sure or not, with its ground truth:
+            hard voxels whose class the features can learn to separate; the uncertain ones alone were not).
         diagnostics_interval: every this many iterations the output carries the gradient norm each weighted loss
             term sends into each net (``diag_grad_<term>_<net>``; one extra backward pass per term); 0 disables.
         detach_predictive_in_reg: stop the XOR regularisation's gradient into the predictive net (default). With
@@ -395,6 +400,9 @@ class SemiSupervisedTrainer(SupervisedTrainer):
                 uncertain = conf_t < self.uncertainty_threshold  # the uncertainty map's definition
                 if self.contrastive_anchors == "labelled":
                     uncertain[n_l:] = False
+                elif self.contrastive_anchors == "band":
+                    uncertain = torch.zeros_like(uncertain)
+                    uncertain[:n_l] = boundary_band(labels, CONTRASTIVE_BAND_WIDTH)
                 contrast_terms, chance = zero, 0.0
                 for feats in (feats_p, feats_a):
                     if feats is not None:

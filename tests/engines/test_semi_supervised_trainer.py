@@ -11,10 +11,11 @@ from monai.losses import DiceCELoss
 from torch import nn
 from torch.utils.data import DataLoader
 
-from multicure_monai.engines.semi_supervised_trainer import LOSS_TERMS, SemiSupervisedTrainer
+from multicure_monai.engines.semi_supervised_trainer import CONTRASTIVE_BAND_WIDTH, LOSS_TERMS, SemiSupervisedTrainer
 from multicure_monai.losses.prototype_contrastive import PrototypeContrastiveLoss
 from multicure_monai.losses.pseudo_label import PseudoLabelLoss
 from multicure_monai.losses.xor_regularization import XORRegularizationLoss
+from multicure_monai.metrics.calibration import boundary_band
 
 SIZE = 8
 
@@ -275,7 +276,7 @@ def test_ema_teacher_needs_a_network() -> None:
         _trainer(teacher="ema")
 
 
-@pytest.mark.parametrize("anchors, unlabelled_anchors", [("all", True), ("labelled", False)])
+@pytest.mark.parametrize("anchors, unlabelled_anchors", [("all", True), ("labelled", False), ("band", False)])
 def test_contrastive_anchors_switch(anchors: str, unlabelled_anchors: bool) -> None:
     seen: list[torch.Tensor] = []
 
@@ -294,6 +295,8 @@ def test_contrastive_anchors_switch(anchors: str, unlabelled_anchors: bool) -> N
     for uncertain in seen:
         assert bool(uncertain[:2].any())
         assert bool(uncertain[2:].any()) == unlabelled_anchors
+        if anchors == "band":  # exactly the labelled voxels near the true surface, whatever the teacher's confidence
+            assert torch.equal(uncertain[:2], boundary_band(y_l, CONTRASTIVE_BAND_WIDTH))
 
 
 def test_diagnostics_every_interval() -> None:
