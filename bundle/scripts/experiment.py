@@ -50,6 +50,7 @@ ARMS: dict[str, list[str]] = {
     # MCF-style two-net baseline: no MultiCURE, no contrastive loss, the better net of each iteration teaches
     "mcf": ["--use_multicure", "False", "--use_contrastive", "False", "--teacher", "better"],
     "full": [],  # the full method, bundle defaults
+    "band": ["--contrastive_anchors", "band"],  # the full method, eq. 5 anchored on the labelled boundary band
     # the full method with the paper's reading of every switch (bundle/docs/README.md, "Method switches")
     "paper": ["--teacher", "predictive", "--reg_normalization", "xor", "--reg_confidence_threshold", "None",
               "--rampup_iterations", "@max_iterations", "--contrastive_anchors", "all"],  # fmt: skip
