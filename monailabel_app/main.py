@@ -41,12 +41,12 @@ from monailabel.tasks.train.bundle import BundleTrainTask
 from monailabel.utils.others.generic import get_bundle_models, strtobool
 
 from multicure_monai.engines.checkpoint_loader import safe_load
-from multicure_monai.metrics.study_uncertainty import study_uncertainty
+from multicure_monai.metrics.study_uncertainty import STUDY_MEASURES, STUDY_REGIONS, study_uncertainty
 
 logger = logging.getLogger(__name__)
 
 SCORE_KEY = "multicure_uncertainty"
-SCORE_TS_KEY = "multicure_uncertainty_ts"  # model.pt's mtime when the score was computed
+SCORE_TS_KEY = "multicure_uncertainty_ts"  # model.pt's mtime (ns) when the score was computed
 
 
 class DeployedModelUncertainty(ScoringMethod):
@@ -59,6 +59,9 @@ class DeployedModelUncertainty(ScoringMethod):
     """
 
     def __init__(self, bundle_path: str, measure: str = "entropy", region: str = "structure") -> None:
+        if measure not in STUDY_MEASURES or region not in STUDY_REGIONS:
+            raise ValueError(f"uncertainty_measure must be one of {STUDY_MEASURES} and uncertainty_region one of "
+                             f"{STUDY_REGIONS}, got {measure!r}, {region!r}.")  # fmt: skip
         super().__init__(f"Deployed model's {measure} over the {region} region of each unlabelled study")
         self.bundle_path = bundle_path
         self.measure = measure
