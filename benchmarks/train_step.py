@@ -167,12 +167,53 @@ def dense_conv_floor(trainer: SemiSupervisedTrainer, x: torch.Tensor, repeats: i
     return out
 
 
+def projection_heads(trainer: SemiSupervisedTrainer, x: torch.Tensor, repeats: int) -> dict[int, float]:
+    """Median forward + backward time of the projection heads of both nets run as convolutions, per level, summed.
+
+    The trainer does not run them (the nets hand the contrastive loss the map and the head, ``ProjectedFeatures``):
+    this is the time that deferring them replaces."""
+    out: dict[int, float] = {}
+    for timed_net in (trainer.network, trainer.aux_network):
+        net = timed_net.inner if isinstance(timed_net, _Timed) else timed_net
+        seen: list[torch.Tensor] = []
+        hooks = [p.register_forward_pre_hook(lambda _m, a: seen.append(a[0].detach())) for p in net.projections]
+        with torch.no_grad():
+            net(x, return_features=True)
+        for h in hooks:
+            h.remove()
+        for lvl, proj, inp in zip(net.feature_levels, net.projections, seen):
+            z = inp.clone().requires_grad_(True)
+            times = []
+            for _ in range(repeats + 1):
+                z.grad = None
+                _sync(z.device)
+                t0 = time.perf_counter()
+                y = proj(z)
+                y.backward(torch.ones_like(y))
+                _sync(z.device)
+                times.append(time.perf_counter() - t0)
+            out[lvl] = out.get(lvl, 0.0) + statistics.median(times[1:])
+        for p in net.projections.parameters():
+            p.grad = None
+    return out
+
+
 def build(
-    form: str | None, device: torch.device, channels_last: bool, multicure_level: int = 1
+    form: str | None,
+    device: torch.device,
+    channels_last: bool,
+    multicure_level: int = 1,
+    contrastive: bool | None = None,
 ) -> SemiSupervisedTrainer:
-    """The trainer of the full method with MultiCURE in ``form``; ``None``: the plain two-network reference."""
+    """The trainer of the full method with MultiCURE in ``form``; ``None``: no MultiCURE block.
+
+    ``contrastive`` (default: whether ``form`` is given) adds the projection heads and the contrastive loss, so
+    ``build(None, ...)`` is the plain two-network reference and ``build(form, ..., contrastive=False)`` /
+    ``build(None, ..., contrastive=True)`` are the halves of the method that ``--split`` times.
+    """
     torch.manual_seed(0)
     full = form is not None
+    contrastive = full if contrastive is None else contrastive
     fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
     net = VNet().to(device, memory_format=fmt)
     aux = ResNetVNet(multicure=full, multicure_level=multicure_level, multicure_kwargs={"form": form} if full else None)
@@ -188,7 +229,7 @@ def build(
         loss_function=DiceCELoss(to_onehot_y=True, softmax=True),
         pseudo_label_loss=PseudoLabelLoss(),
         regularization_loss=XORRegularizationLoss(),
-        contrastive_loss=PrototypeContrastiveLoss(num_classes=2) if full else None,
+        contrastive_loss=PrototypeContrastiveLoss(num_classes=2) if contrastive else None,
         contrastive_weight=0.1,
         channels_last=channels_last,
         decollate=False,
@@ -228,6 +269,9 @@ def main() -> None:
     parser.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
     parser.add_argument("--multicure-level", type=int, default=1, help="decoder level of the MultiCURE block")
     parser.add_argument("--forms", nargs="+", default=list(MULTICURE_FORMS), choices=list(MULTICURE_FORMS))
+    parser.add_argument("--split", action="store_true",
+                        help="also time the first form without the contrastive loss and the contrastive loss without "
+                             "MultiCURE, and the projection heads alone: where the extra time goes")
     args = parser.parse_args()
     device = torch.device(args.device)
     channels_last = not args.no_channels_last
@@ -238,6 +282,10 @@ def main() -> None:
 
     trainers = {"reference": build(None, device, channels_last)}
     trainers.update({form: build(form, device, channels_last, args.multicure_level) for form in args.forms})
+    if args.split:
+        first = args.forms[0]
+        trainers[f"{first}-multicure-only"] = build(first, device, channels_last, args.multicure_level, False)
+        trainers["contrastive-only"] = build(None, device, channels_last, contrastive=True)
     timed = {name: instrument(trainer) for name, trainer in trainers.items()}
     results: dict[str, list[dict[str, float]]] = {k: [] for k in trainers}
     peaks: dict[str, float] = {}
@@ -285,6 +333,16 @@ def main() -> None:
         print(f"ratio {form}/reference (total): {med[form]['total'] / ref:.2f}x (medians)")
         print(f"ratio {form}/reference (total, fastest steps): {fastest[form] / fastest['reference']:.2f}x "
               f"({fastest[form]:.2f}s / {fastest['reference']:.2f}s)")
+    if args.split:
+        first = args.forms[0]
+        extra = {k: med[k]["total"] - ref for k in (first, f"{first}-multicure-only", "contrastive-only")}
+        heads = projection_heads(trainers[first], x, args.repeats)
+        print(f"split of the {first} step's extra time over the reference (medians): whole {extra[first]:.3f}s = "
+              f"MultiCURE {extra[f'{first}-multicure-only']:.3f}s + contrastive path {extra['contrastive-only']:.3f}s "
+              f"+ interaction {extra[first] - extra[f'{first}-multicure-only'] - extra['contrastive-only']:.3f}s")
+        print("projection heads applied as 1x1x1 convolutions, forward+backward on their step inputs (both nets; "
+              "the trainer defers them into the contrastive loss, see ProjectedFeatures): "
+              + "  ".join(f"level {lvl}={t:.3f}s" for lvl, t in heads.items()))
 
 
 if __name__ == "__main__":

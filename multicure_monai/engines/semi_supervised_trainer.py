@@ -68,6 +68,7 @@ from multicure_monai.engines.teachers import TEACHERS, select_teacher
 from multicure_monai.losses.prototype_contrastive import PrototypeContrastiveLoss
 from multicure_monai.losses.pseudo_label import PseudoLabelLoss
 from multicure_monai.metrics.calibration import boundary_band
+from multicure_monai.networks.vnet import VNetBase
 from multicure_monai.uncertainty import uncertainty_map
 
 __all__ = ["SemiSupervisedTrainer", "LOSS_TERMS", "TEACHERS", "CONTRASTIVE_ANCHORS", "CONTRASTIVE_BAND_WIDTH"]
@@ -289,7 +290,7 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         Returns:
             ``(logits_p, probs_p, feats_p, logits_a, feats_a)``: logits ``(B, N, H, W, D)``, the predictive net's
             float32 softmax (the uncertainty map's source), the projected decoder features of a net when asked
-            for, else ``None``.
+            for (this package's nets hand them over deferred, as ``ProjectedFeatures``), else ``None``.
         """
         pred_uncertainty = None
         if self.predictive_uses_uncertainty:
@@ -461,7 +462,9 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         if uncertainty is not None:
             kwargs["uncertainty"] = uncertainty
         if with_features:
-            logits, feats = net(x, return_features=True, **kwargs)
+            # this package's nets defer the projection heads to the contrastive loss (ProjectedFeatures)
+            deferred = "deferred" if isinstance(_unwrap(net), VNetBase) else True
+            logits, feats = net(x, return_features=deferred, **kwargs)
             return logits, list(feats)
         return net(x, **kwargs), None
 

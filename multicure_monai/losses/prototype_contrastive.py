@@ -35,12 +35,14 @@ NT-Xent between two views), so this is written here.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from multicure_monai.networks.projected_features import ProjectedFeatures
 
 __all__ = ["PrototypeContrastiveLoss"]
 
@@ -61,6 +63,44 @@ def _random_subset(indices: Tensor, cap: int | None) -> Tensor:
         return indices
     perm = torch.randperm(indices.numel(), device=indices.device)[:cap]
     return indices[perm]
+
+
+def _voxel_features(feat: Tensor | ProjectedFeatures) -> tuple[Tensor, Callable, Callable]:
+    """What the loss reads of a level's ``(B, E, *S)`` features, flattened to ``N`` voxels (in float32 or wider).
+
+    Returns ``inv_norm`` (``(N,)``, ``1 / max(||f_v||, 1e-12)`` as ``F.normalize``), ``weighted_sum(w)`` (``w``
+    ``(N, P)`` -> ``w^T f``, ``(P, E)``) and ``rows(idx)`` (``f[idx]``, ``(M, E)``). For
+    :class:`ProjectedFeatures` ``f_v = W h_v + b`` with fewer map channels ``C`` than ``E``, the same values come
+    from the map: ``||f_v||^2 = h_v^T (W^T W) h_v + 2 (W^T b) . h_v + b . b``, ``w^T f = (w^T h) W^T + (sum w) b``,
+    so the ``N x E`` projected map is never written (equal to float rounding).
+    """
+    if isinstance(feat, ProjectedFeatures) and feat.hidden.shape[1] >= feat.weight.shape[0]:
+        feat = feat.materialize()  # projecting first is no more work when the head does not widen the map
+    if isinstance(feat, Tensor):
+        f = feat.movedim(1, -1).reshape(-1, feat.shape[1])  # a view of a channels-last map
+        f = f.to(torch.promote_types(f.dtype, torch.float32))  # half precision features are summed in float32
+        inv_norm = 1.0 / torch.linalg.vector_norm(f, dim=1).clamp_min(1e-12)
+        return inv_norm, lambda w: w.t() @ f, lambda idx: f[idx]
+    h = feat.hidden.movedim(1, -1).reshape(-1, feat.hidden.shape[1])
+    dtype = torch.promote_types(h.dtype, torch.float32)
+    h, weight = h.to(dtype), feat.weight.to(dtype)
+    bias = weight.new_zeros(weight.shape[0]) if feat.bias is None else feat.bias.to(dtype)
+    sq_norm = ((h @ (weight.t() @ weight)) * h).sum(dim=1) + 2.0 * (h @ (weight.t() @ bias)) + bias @ bias
+    inv_norm = sq_norm.clamp_min(1e-24).rsqrt()
+    return (
+        inv_norm,
+        lambda w: F.linear(w.t() @ h, weight) + w.sum(dim=0).unsqueeze(1) * bias,
+        lambda idx: F.linear(h[idx], weight, bias),
+    )
+
+
+def _graph_zero(feat: Tensor | ProjectedFeatures) -> Tensor:
+    """A zero attached to the graph of the features (and of a deferred projection head's parameters); float32, so
+    that large half-precision features cannot overflow to ``inf * 0 = NaN``."""
+    if isinstance(feat, ProjectedFeatures):
+        parts = [feat.hidden, feat.weight] + ([] if feat.bias is None else [feat.bias])
+        return sum(p.float().mean() for p in parts) * 0.0
+    return feat.float().mean() * 0.0
 
 
 class PrototypeContrastiveLoss(nn.Module):
@@ -139,7 +179,9 @@ class PrototypeContrastiveLoss(nn.Module):
 
         Args:
             features: one ``(B, E, *S_l)`` tensor or a sequence of them (one per level); ``S_l`` may be smaller
-                than ``S``.
+                than ``S``. A level may be given as
+                :class:`~multicure_monai.networks.projected_features.ProjectedFeatures` (a net's
+                ``return_features="deferred"``): the same loss, computed without writing the projected map.
             labels: ``(B, 1, *S)`` integer class per voxel (ground truth / pseudo-label).
             reliable: ``(B, 1, *S)`` bool mask of voxels whose features build the prototypes.
             uncertain: ``(B, 1, *S)`` bool mask of voxels pulled to their class prototype.
@@ -151,7 +193,7 @@ class PrototypeContrastiveLoss(nn.Module):
         Raises:
             ValueError: on inconsistent shapes or a wrong number of ``level_weights``.
         """
-        feats = [features] if isinstance(features, Tensor) else list(features)
+        feats = [features] if isinstance(features, (Tensor, ProjectedFeatures)) else list(features)
         if not feats:
             raise ValueError("features must contain at least one level.")
         if self.level_weights is not None and len(self.level_weights) != len(feats):
@@ -185,8 +227,7 @@ class PrototypeContrastiveLoss(nn.Module):
                 self._add_terms(stats, weight, contrast.detach(), separation.detach(), level_stats["num_prototypes"])
         stats["num_prototypes"] = stats["level_stats"][0]["num_prototypes"]
         if total is None:
-            # graph-connected zero; mean in float32 so large half-precision features cannot overflow to inf*0 = NaN
-            total = sum(f.float().mean() for f in feats) * 0.0
+            total = sum(_graph_zero(f) for f in feats)
         return (total, stats) if return_stats else total
 
     def _add_terms(self, stats: dict, weight: float, contrast: Tensor, separation: Tensor, num_protos: int) -> None:
@@ -208,14 +249,11 @@ class PrototypeContrastiveLoss(nn.Module):
         unc = (_resize_to(uncertain, size) > 0.5).flatten() & valid
         lab = lab.clamp(0, self.num_classes - 1)
 
-        emb = feat.shape[1]
-        # (N, E) raw features (a view of a channels-last map) and the inverse L2 norm of every voxel. Everything
-        # below is dense over the voxels (matrix products with per-voxel weights) rather than gathering the
-        # reliable voxels, which are most of the volume: normalised features are never materialised, and the
-        # backward is a few dense passes instead of a row-by-row scatter.
-        f = feat.movedim(1, -1).reshape(-1, emb)
-        f = f.to(torch.promote_types(f.dtype, torch.float32))  # half precision features are summed in float32
-        inv_norm = 1.0 / torch.linalg.vector_norm(f, dim=1).clamp_min(1e-12)  # (N,), as F.normalize
+        # The inverse L2 norm of every voxel's feature, sums of features weighted per voxel and the features of
+        # a few rows: everything below is dense over the voxels (matrix products with per-voxel weights) rather
+        # than gathering the reliable voxels, which are most of the volume, and normalised features are never
+        # materialised.
+        inv_norm, weighted_sum, rows = _voxel_features(feat)
 
         # Reliable voxels (a random subset when capped) and their class; K marks every other voxel.
         if self.max_reliable_samples is None:
@@ -239,16 +277,17 @@ class PrototypeContrastiveLoss(nn.Module):
 
         # Prototypes (eq. 4): mean of the normalised reliable features per class, sum_v onehot_vk f_v / ||f_v||.
         present_cls = present.nonzero(as_tuple=False).squeeze(1)  # (P,)
-        weights = (rel_lab.unsqueeze(1) == present_cls).to(f.dtype) * inv_norm.unsqueeze(1)  # (N, P)
-        protos = (weights.t() @ f) / counts[present_cls].unsqueeze(1).to(f.dtype)  # (P, E)
+        weights = (rel_lab.unsqueeze(1) == present_cls).to(inv_norm.dtype) * inv_norm.unsqueeze(1)  # (N, P)
+        protos = weighted_sum(weights) / counts[present_cls].unsqueeze(1).to(inv_norm.dtype)  # (P, E)
         protos = F.normalize(protos, dim=1, eps=1e-8)  # cosine similarity is scale-free
 
-        # Cosine similarity of every voxel to every prototype, (N, P); the uncertain rows enter eq. 5.
-        cos_all = (f @ protos.t()) * inv_norm.unsqueeze(1)
-        slot = torch.full((self.num_classes,), -1, dtype=torch.long, device=f.device)
-        slot[present_cls] = torch.arange(num_protos, device=f.device)
+        # Cosine similarity of the uncertain voxels to every prototype, (M, P).
+        cos_unc = (rows(unc_idx) @ protos.t()) * inv_norm[unc_idx].unsqueeze(1)
+        device = inv_norm.device
+        slot = torch.full((self.num_classes,), -1, dtype=torch.long, device=device)
+        slot[present_cls] = torch.arange(num_protos, device=device)
         target = slot[lab[unc_idx]]  # (M,) index into the present prototypes
-        logits = cos_all[unc_idx] / self.temperature  # (M, P)
+        logits = cos_unc / self.temperature  # (M, P)
         positive = logits.gather(1, target.unsqueeze(1)).squeeze(1)
         if self.denominator == "all":
             log_denominator = torch.logsumexp(logits, dim=1)
@@ -258,13 +297,13 @@ class PrototypeContrastiveLoss(nn.Module):
         per_voxel = log_denominator - positive  # (M,)
 
         # Mean per class (1/|S_k| of eq. 5), then mean over classes with uncertain voxels.
-        class_sum = torch.zeros(num_protos, device=f.device, dtype=per_voxel.dtype).index_add(0, target, per_voxel)
+        class_sum = torch.zeros(num_protos, device=device, dtype=per_voxel.dtype).index_add(0, target, per_voxel)
         class_cnt = torch.bincount(target, minlength=num_protos)
         has = class_cnt > 0
         contrast = (class_sum[has] / class_cnt[has].to(class_sum.dtype)).mean()
 
         # Separation: mean over prototype pairs j < k of (1 + cos(c_j, c_k)) / 2, pushes prototypes apart.
-        iu = torch.triu_indices(num_protos, num_protos, offset=1, device=f.device)
+        iu = torch.triu_indices(num_protos, num_protos, offset=1, device=device)
         cos_pairs = (protos @ protos.t())[iu[0], iu[1]]
         separation = ((1.0 + cos_pairs) / 2.0).mean()
         return (contrast, separation), stats

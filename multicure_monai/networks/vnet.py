@@ -23,6 +23,7 @@ from monai.networks.layers.factories import Act, Conv, Dropout, Norm
 
 from multicure_monai.networks.multicure import MultiCURE, resize_uncertainty_map
 from multicure_monai.networks.padding import crop_to, level_size, pad_to_multiple
+from multicure_monai.networks.projected_features import ProjectedFeatures
 
 SCRIPT_UNSUPPORTED = (
     "these networks cannot be compiled with torch.jit.script (the deformable convolution is a custom autograd "
@@ -238,8 +239,8 @@ class VNetBase(nn.Module):
         self,
         x: torch.Tensor,
         uncertainty: torch.Tensor | None = None,
-        return_features: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        return_features: bool | str = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]] | tuple[torch.Tensor, list[ProjectedFeatures]]:
         """Segment ``x``.
 
         Args:
@@ -247,7 +248,9 @@ class VNetBase(nn.Module):
             uncertainty: optional binary uncertainty map ``(B, 1, H_u, W_u, D_u)`` for the MultiCURE block; a map
                 at another resolution than ``x`` is taken to cover the same field of view and resized to
                 ``(H, W, D)`` first (max-pool / nearest). Ignored when the net has no MultiCURE block.
-            return_features: also return the projected decoder features.
+            return_features: also return the projected decoder features; ``"deferred"`` returns each level as
+                :class:`ProjectedFeatures` (the decoder map and its projection head, not yet applied), which
+                :class:`~multicure_monai.losses.PrototypeContrastiveLoss` reads without writing the projected map.
 
         Returns:
             logits ``(B, out_channels, H, W, D)``; or, with ``return_features``, ``(logits, features)`` where
@@ -271,12 +274,15 @@ class VNetBase(nn.Module):
         logits = crop_to(self.out_conv(self.out_dropout(decoded[0])), spatial)
         if not return_features:
             return logits
+        if return_features not in (True, "deferred"):
+            raise ValueError(f"return_features must be False, True or 'deferred', got {return_features!r}.")
         # crop, then project: the 1x1x1 projection commutes with the crop and runs on the kept voxels only
-        features = [
-            proj(crop_to(decoded[lvl], level_size(spatial, lvl)))
-            for lvl, proj in zip(self.feature_levels, self.projections)
-        ]
-        return logits, features
+        cropped = [crop_to(decoded[lvl], level_size(spatial, lvl)) for lvl in self.feature_levels]
+        if return_features == "deferred":
+            return logits, [
+                ProjectedFeatures(h, proj.weight.flatten(1), proj.bias) for h, proj in zip(cropped, self.projections)
+            ]
+        return logits, [proj(h) for h, proj in zip(cropped, self.projections)]
 
 
 class VNet(VNetBase):

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from multicure_monai.networks.padding import crop_to, pad_to_multiple
+from multicure_monai.networks.projected_features import ProjectedFeatures
+from multicure_monai.networks.resnet_vnet import ResNetVNet
 from multicure_monai.networks.vnet import VNet
 
 
@@ -60,6 +62,24 @@ def test_padding_equals_running_on_padded_input():
     assert torch.allclose(y, crop_to(yp, x.shape[2:]), atol=1e-5)
     for f, fp in zip(feats, featsp):
         assert torch.allclose(f, crop_to(fp, f.shape[2:]), atol=1e-5)
+
+
+@pytest.mark.parametrize("net_cls", ["VNet", "ResNetVNet"])
+def test_deferred_features_materialize_to_the_projected_features(net_cls):
+    """``return_features="deferred"``: the map and head of every level, equal to the projected features once applied."""
+    net = _small() if net_cls == "VNet" else ResNetVNet(features=(4, 8, 8, 16, 16), layers=(1, 1, 1, 1))
+    net = net.eval().to(memory_format=torch.channels_last_3d)
+    x = torch.randn(2, 1, 20, 24, 28).contiguous(memory_format=torch.channels_last_3d)
+    with torch.no_grad():
+        y, feats = net(x, return_features=True)
+        yd, deferred = net(x, return_features="deferred")
+    torch.testing.assert_close(yd, y)
+    assert all(isinstance(d, ProjectedFeatures) for d in deferred)
+    for f, d in zip(feats, deferred):
+        assert d.shape == f.shape
+        torch.testing.assert_close(d.materialize(), f, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="return_features"):
+        net(x, return_features="lazy")
 
 
 def test_no_padding_rejects_odd_sizes():

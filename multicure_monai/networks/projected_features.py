@@ -1,0 +1,47 @@
+"""Projected decoder features kept in factored form: a feature map and the 1x1x1 projection head to apply to it.
+
+The prototype contrastive loss needs, per voxel, the L2 norm of the projected feature and, per class, sums of the
+normalised features; only the few thousand sampled uncertain voxels need their projected feature itself. At the
+full-resolution level the projection writes ``embed_dim`` channels for every voxel (64 MB for 2+2 crops of
+56x56x40, 0.5 GB per net at 112x112x80) from a map of fewer channels. Handing the loss the map and the head
+instead lets it compute exactly those quantities from the map (see
+:class:`~multicure_monai.losses.PrototypeContrastiveLoss`) without ever writing the projected map. Anything else
+calls :meth:`ProjectedFeatures.materialize`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["ProjectedFeatures"]
+
+
+class ProjectedFeatures(NamedTuple):
+    """``weight @ hidden + bias`` over the channel axis, not yet computed.
+
+    Attributes:
+        hidden: feature map ``(B, C, *S)`` (any memory format).
+        weight: projection matrix ``(E, C)`` (a 1x1x1 convolution's weight, flattened).
+        bias: ``(E,)`` or ``None``.
+    """
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+    @property
+    def shape(self) -> torch.Size:
+        """Shape of the projected map, ``(B, E, *S)``."""
+        return torch.Size((self.hidden.shape[0], self.weight.shape[0], *self.hidden.shape[2:]))
+
+    @property
+    def ndim(self) -> int:
+        return self.hidden.ndim
+
+    def materialize(self) -> torch.Tensor:
+        """The projected map ``(B, E, *S)``, as the 1x1x1 convolution computes it (same memory format as ``hidden``)."""
+        out = F.linear(self.hidden.movedim(1, -1), self.weight, self.bias)
+        return out.movedim(-1, 1)
