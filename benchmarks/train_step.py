@@ -129,6 +129,20 @@ def loss_alone(part: _Timed) -> float:
     return time.perf_counter() - t0
 
 
+def _forward_backward_time(module: torch.nn.Module, z: torch.Tensor, repeats: int) -> float:
+    """Median forward + backward time of ``module`` on the leaf ``z`` (one extra, discarded warm-up run)."""
+    times = []
+    for _ in range(repeats + 1):
+        z.grad = None
+        _sync(z.device)
+        t0 = time.perf_counter()
+        y = module(z)
+        y.backward(torch.ones_like(y))  # a dense gradient in the output's memory format, as in the step
+        _sync(z.device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
 def dense_conv_floor(trainer: SemiSupervisedTrainer, x: torch.Tensor, repeats: int) -> dict[str, float]:
     """Median forward + backward time of each dense convolution of the MultiCURE block, on its step input."""
     aux = trainer.aux_network.inner if isinstance(trainer.aux_network, _Timed) else trainer.aux_network
@@ -147,20 +161,7 @@ def dense_conv_floor(trainer: SemiSupervisedTrainer, x: torch.Tensor, repeats: i
         "offset": getattr(deform, "conv_offset", None),
         "deform_product": block.branch_small.conv,  # same shape as the deformable conv's columns x weights
     }
-    out: dict[str, float] = {}
-    for name, conv in convs.items():
-        if conv is None:
-            continue
-        times = []
-        for _ in range(repeats + 1):
-            z.grad = None
-            _sync(z.device)
-            t0 = time.perf_counter()
-            y = conv(z)
-            y.backward(torch.ones_like(y))  # a dense gradient in the output's memory format, as in the step
-            _sync(z.device)
-            times.append(time.perf_counter() - t0)
-        out[name] = statistics.median(times[1:])
+    out = {name: _forward_backward_time(conv, z, repeats) for name, conv in convs.items() if conv is not None}
     conv_params = [p for c in convs.values() if c is not None for p in c.parameters()]
     for p in conv_params:
         p.grad = None
@@ -182,17 +183,7 @@ def projection_heads(trainer: SemiSupervisedTrainer, x: torch.Tensor, repeats: i
         for h in hooks:
             h.remove()
         for lvl, proj, inp in zip(net.feature_levels, net.projections, seen):
-            z = inp.clone().requires_grad_(True)
-            times = []
-            for _ in range(repeats + 1):
-                z.grad = None
-                _sync(z.device)
-                t0 = time.perf_counter()
-                y = proj(z)
-                y.backward(torch.ones_like(y))
-                _sync(z.device)
-                times.append(time.perf_counter() - t0)
-            out[lvl] = out.get(lvl, 0.0) + statistics.median(times[1:])
+            out[lvl] = out.get(lvl, 0.0) + _forward_backward_time(proj, inp.clone().requires_grad_(True), repeats)
         for p in net.projections.parameters():
             p.grad = None
     return out
