@@ -279,8 +279,11 @@ class VNetBase(nn.Module):
         # crop, then project: the 1x1x1 projection commutes with the crop and runs on the kept voxels only
         cropped = [crop_to(decoded[lvl], level_size(spatial, lvl)) for lvl in self.feature_levels]
         if return_features == "deferred":
+            # views, never the Parameters themselves: DistributedDataParallel (find_unused_parameters) finds the
+            # parameters a step uses by walking the outputs' graph, and a bare leaf in the outputs has none
             return logits, [
-                ProjectedFeatures(h, proj.weight.flatten(1), proj.bias) for h, proj in zip(cropped, self.projections)
+                ProjectedFeatures(h, proj.weight.flatten(1), None if proj.bias is None else proj.bias.view(-1))
+                for h, proj in zip(cropped, self.projections)
             ]
         return logits, [proj(h) for h, proj in zip(cropped, self.projections)]
 

@@ -80,6 +80,9 @@ def test_deferred_features_materialize_to_the_projected_features(net_cls):
         torch.testing.assert_close(d.materialize(), f, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="return_features"):
         net(x, return_features="lazy")
+    # the head comes as views with a graph, never as bare Parameters (DDP's unused-parameter search needs the graph)
+    _, deferred = net(x, return_features="deferred")
+    assert all(d.weight.grad_fn is not None and d.bias.grad_fn is not None for d in deferred)
 
 
 def test_no_padding_rejects_odd_sizes():
