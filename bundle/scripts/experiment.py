@@ -50,7 +50,8 @@ ARMS: dict[str, list[str]] = {
     # MCF-style two-net baseline: no MultiCURE, no contrastive loss, the better net of each iteration teaches
     "mcf": ["--use_multicure", "False", "--use_contrastive", "False", "--teacher", "better"],
     "full": [],  # the full method, bundle defaults
-    "band": ["--contrastive_anchors", "band"],  # the full method, eq. 5 anchored on the labelled boundary band
+    "band": ["--contrastive_anchors", "band"],  # eq. 5 anchored on the labelled boundary band (the default since v0.7)
+    "labelled": ["--contrastive_anchors", "labelled"],  # eq. 5 on the uncertain labelled voxels (the v0.6 default)
     # the full method with the paper's reading of every switch (bundle/docs/README.md, "Method switches")
     "paper": ["--teacher", "predictive", "--reg_normalization", "xor", "--reg_confidence_threshold", "None",
               "--rampup_iterations", "@max_iterations", "--contrastive_anchors", "all"],  # fmt: skip
