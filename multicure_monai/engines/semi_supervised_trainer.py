@@ -68,7 +68,6 @@ from multicure_monai.engines.teachers import TEACHERS, select_teacher
 from multicure_monai.losses.prototype_contrastive import PrototypeContrastiveLoss
 from multicure_monai.losses.pseudo_label import PseudoLabelLoss
 from multicure_monai.metrics.calibration import boundary_band
-from multicure_monai.networks.vnet import VNetBase
 from multicure_monai.uncertainty import uncertainty_map
 
 __all__ = ["SemiSupervisedTrainer", "LOSS_TERMS", "TEACHERS", "CONTRASTIVE_ANCHORS", "CONTRASTIVE_BAND_WIDTH"]
@@ -462,8 +461,8 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         if uncertainty is not None:
             kwargs["uncertainty"] = uncertainty
         if with_features:
-            # this package's nets defer the projection heads to the contrastive loss (ProjectedFeatures)
-            deferred = "deferred" if isinstance(_unwrap(net), VNetBase) else True
+            # nets that can (this package's) hand the contrastive loss their projection heads deferred
+            deferred = "deferred" if getattr(_unwrap(net), "deferred_features", False) else True
             logits, feats = net(x, return_features=deferred, **kwargs)
             return logits, list(feats)
         return net(x, **kwargs), None

@@ -183,6 +183,9 @@ class VNetBase(nn.Module):
         pad_to_multiple: pad inputs whose size is not divisible by ``2 ** (len(channels) - 1)`` and crop back.
     """
 
+    #: ``forward(..., return_features="deferred")`` is understood (the trainer asks for it when this is true)
+    deferred_features: bool = True
+
     def __init__(
         self,
         spatial_dims: int,

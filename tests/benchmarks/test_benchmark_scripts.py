@@ -19,7 +19,7 @@ CASES = [
       "--warmup", "0", "--device", "cpu", "--split"],
      ["ratio paper/reference (total):", "ratio authors/reference (total, fastest steps):",
       "authors floor of the ratio", "loss fwd+bwd: sup=", "contrastive=", "split of the paper step's extra time",
-      "projection heads applied as 1x1x1 convolutions"]),
+      "projection heads applied as 1x1x1 convolutions", "deferring them saves"]),
     (["benchmarks/inference.py", "--shape", "20", "18", "16", "--roi", "16", "16", "16", "--stride", "4", "2", "16",
       "--sw-batch-sizes", "1", "2", "--repeats", "1", "--device", "cpu", "--threads", "1"], ["fastest ensemble on"]),
     (["benchmarks/inference.py", "--la", "--shape", "20", "18", "16", "--roi", "16", "16", "16", "--stride", "4", "2",

@@ -16,6 +16,7 @@ from multicure_monai.losses.prototype_contrastive import PrototypeContrastiveLos
 from multicure_monai.losses.pseudo_label import PseudoLabelLoss
 from multicure_monai.losses.xor_regularization import XORRegularizationLoss
 from multicure_monai.metrics.calibration import boundary_band
+from multicure_monai.networks.projected_features import ProjectedFeatures
 
 SIZE = 8
 
@@ -41,6 +42,19 @@ class TinySegNet(nn.Module):
         return (logits, [self.proj(h)]) if return_features else logits
 
 
+class DeferringSegNet(TinySegNet):
+    """TinySegNet that, asked for ``return_features="deferred"``, hands over its projection head unapplied."""
+
+    deferred_features = True
+
+    def forward(self, x, uncertainty=None, return_features=False):
+        if return_features != "deferred":
+            return super().forward(x, uncertainty, return_features)
+        self.seen_deferred = True
+        h = torch.relu(self.body(x)) + (0 if uncertainty is None else uncertainty)
+        return self.head(h), [ProjectedFeatures(h, self.proj.weight.flatten(1), self.proj.bias.view(-1))]
+
+
 def _labelled(n: int = 4) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     items = []
@@ -54,9 +68,9 @@ def _unlabelled(n: int = 3) -> list[dict]:
     return [{"image": torch.randn(1, SIZE, SIZE, SIZE)} for _ in range(n)]
 
 
-def _trainer(iterations: int = 3, unlabeled=None, **kwargs) -> SemiSupervisedTrainer:
+def _trainer(iterations: int = 3, unlabeled=None, net_cls: type = TinySegNet, **kwargs) -> SemiSupervisedTrainer:
     torch.manual_seed(0)
-    net, aux = TinySegNet(), TinySegNet(record=True)
+    net, aux = net_cls(), net_cls(record=True)
     defaults = dict(
         pseudo_label_loss=PseudoLabelLoss(confidence_threshold=0.5 + 1e-6),
         regularization_loss=XORRegularizationLoss(),
@@ -338,3 +352,17 @@ def test_predictive_net_gets_the_map_of_its_own_first_pass() -> None:
     assert first is None and second is not None and second.shape == (4, 1, SIZE, SIZE, SIZE)
     (aux_map,) = trainer.aux_network.seen_uncertainty
     assert set(second.unique().tolist()) <= {0.0, 1.0} and set(aux_map.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_nets_that_declare_deferred_features_get_asked_for_them_with_the_same_losses() -> None:
+    """A net with ``deferred_features`` is called with ``return_features="deferred"``; the loss terms are the ones of
+    the same net applying its projection head itself (TinySegNet, asked with ``True``)."""
+    outputs = {}
+    for cls in (TinySegNet, DeferringSegNet):
+        trainer = _trainer(iterations=2, net_cls=cls)
+        torch.manual_seed(1)
+        trainer.run()
+        assert getattr(trainer.network, "seen_deferred", False) == (cls is DeferringSegNet)
+        outputs[cls] = trainer.state.output
+    for key in LOSS_TERMS:
+        torch.testing.assert_close(outputs[DeferringSegNet][key], outputs[TinySegNet][key], rtol=1e-5, atol=1e-6)
