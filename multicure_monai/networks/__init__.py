@@ -5,7 +5,17 @@ from __future__ import annotations
 from .deform_conv import DeformConv3d, DeformConv3dPack, deform_conv3d
 from .ensemble import DualNetworkEnsemble
 from .multicure import MultiCURE
+from .projected_features import ProjectedFeatures
 from .resnet_vnet import ResNetVNet
 from .vnet import VNet
 
-__all__ = ["DeformConv3d", "DeformConv3dPack", "deform_conv3d", "DualNetworkEnsemble", "MultiCURE", "ResNetVNet", "VNet"]
+__all__ = [
+    "DeformConv3d",
+    "DeformConv3dPack",
+    "deform_conv3d",
+    "DualNetworkEnsemble",
+    "MultiCURE",
+    "ProjectedFeatures",
+    "ResNetVNet",
+    "VNet",
+]
