@@ -20,6 +20,7 @@ SWITCHES = [
     {"use_multicure": False},
     {"predictive_uses_uncertainty": True, "use_multicure": False},
     {"multicure_form": "authors"},
+    {"multicure_level": 2},
 ]
 WORKFLOWS = {"train": ["train.yaml"], "evaluate": ["train.yaml", "evaluate.yaml"], "inference": ["inference.yaml"]}
 
@@ -60,7 +61,7 @@ def _summary(parser: ConfigParser, workflow: str) -> dict:
     }  # fmt: skip
 
 
-@pytest.mark.parametrize("switches", SWITCHES, ids=["defaults", "no_multicure", "authors_placement", "authors_form"])
+@pytest.mark.parametrize("switches", SWITCHES, ids=["defaults", "no_multicure", "authors_placement", "authors_form", "level2"])
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda o: "+".join(o) or "phantoms")
 def test_workflows_agree(overlay: list[str], switches: dict) -> None:
     summaries = {w: _summary(_parser(w, overlay, switches), w) for w in WORKFLOWS}
@@ -82,3 +83,11 @@ def test_the_authors_form_changes_the_block() -> None:
     paper = _summary(_parser("inference", [], {}), "inference")["state_dict"]
     authors = _summary(_parser("inference", [], {"multicure_form": "authors"}), "inference")["state_dict"]
     assert any(".multicure.mix." in k for k in authors) and not any(".multicure.mix." in k for k in paper)
+
+
+def test_the_level_switch_moves_the_block() -> None:
+    """``multicure_level: 2`` puts the block on the quarter-resolution decoder stage (64 channels, not 32)."""
+    level1 = _summary(_parser("inference", [], {}), "inference")["state_dict"]
+    level2 = _summary(_parser("inference", [], {"multicure_level": 2}), "inference")["state_dict"]
+    key = "auxiliary.decoder.multicure.branch_small.conv.weight"
+    assert level1[key][:2] == (32, 32) and level2[key][:2] == (64, 64)
