@@ -25,6 +25,7 @@ Examples::
 
     python benchmarks/train_step.py                                   # half-resolution LA: 2+2 x 56x56x40
     python benchmarks/train_step.py --forms authors                   # the reference and one form only
+    python benchmarks/train_step.py --split                           # + MultiCURE / contrastive path apart
     python benchmarks/train_step.py --roi 112 112 80 --repeats 2      # the paper's geometry
     python benchmarks/train_step.py --no-channels-last                # measure what channels_last_3d buys
 """
