@@ -35,13 +35,14 @@ NT-Xent between two views), so this is written here.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from multicure_monai.losses.class_feature_sums import class_feature_sums
 from multicure_monai.networks.projected_features import ProjectedFeatures
 
 __all__ = ["PrototypeContrastiveLoss"]
@@ -63,35 +64,6 @@ def _random_subset(indices: Tensor, cap: int | None) -> Tensor:
         return indices
     perm = torch.randperm(indices.numel(), device=indices.device)[:cap]
     return indices[perm]
-
-
-def _voxel_features(feat: Tensor | ProjectedFeatures) -> tuple[Tensor, Callable, Callable]:
-    """What the loss reads of a level's ``(B, E, *S)`` features, flattened to ``N`` voxels (in float32 or wider).
-
-    Returns ``inv_norm`` (``(N,)``, ``1 / max(||f_v||, 1e-12)`` as ``F.normalize``), ``weighted_sum(w)`` (``w``
-    ``(N, P)`` -> ``w^T f``, ``(P, E)``) and ``rows(idx)`` (``f[idx]``, ``(M, E)``). For
-    :class:`ProjectedFeatures` ``f_v = W h_v + b`` with fewer map channels ``C`` than ``E``, the same values come
-    from the map: ``||f_v||^2 = h_v^T (W^T W) h_v + 2 (W^T b) . h_v + b . b``, ``w^T f = (w^T h) W^T + (sum w) b``,
-    so the ``N x E`` projected map is never written (equal to float rounding).
-    """
-    if isinstance(feat, ProjectedFeatures) and feat.hidden.shape[1] >= feat.weight.shape[0]:
-        feat = feat.materialize()  # projecting first is no more work when the head does not widen the map
-    if isinstance(feat, Tensor):
-        f = feat.movedim(1, -1).reshape(-1, feat.shape[1])  # a view of a channels-last map
-        f = f.to(torch.promote_types(f.dtype, torch.float32))  # half precision features are summed in float32
-        inv_norm = 1.0 / torch.linalg.vector_norm(f, dim=1).clamp_min(1e-12)
-        return inv_norm, lambda w: w.t() @ f, lambda idx: f[idx]
-    h = feat.hidden.movedim(1, -1).reshape(-1, feat.hidden.shape[1])
-    dtype = torch.promote_types(h.dtype, torch.float32)
-    h, weight = h.to(dtype), feat.weight.to(dtype)
-    bias = weight.new_zeros(weight.shape[0]) if feat.bias is None else feat.bias.to(dtype)
-    sq_norm = ((h @ (weight.t() @ weight)) * h).sum(dim=1) + 2.0 * (h @ (weight.t() @ bias)) + bias @ bias
-    inv_norm = sq_norm.clamp_min(1e-24).rsqrt()
-    return (
-        inv_norm,
-        lambda w: F.linear(w.t() @ h, weight) + w.sum(dim=0).unsqueeze(1) * bias,
-        lambda idx: F.linear(h[idx], weight, bias),
-    )
 
 
 def _graph_zero(feat: Tensor | ProjectedFeatures) -> Tensor:
@@ -249,12 +221,6 @@ class PrototypeContrastiveLoss(nn.Module):
         unc = (_resize_to(uncertain, size) > 0.5).flatten() & valid
         lab = lab.clamp(0, self.num_classes - 1)
 
-        # The inverse L2 norm of every voxel's feature, sums of features weighted per voxel and the features of
-        # a few rows: everything below is dense over the voxels (matrix products with per-voxel weights) rather
-        # than gathering the reliable voxels, which are most of the volume, and normalised features are never
-        # materialised.
-        inv_norm, weighted_sum, rows = _voxel_features(feat)
-
         # Reliable voxels (a random subset when capped) and their class; K marks every other voxel.
         if self.max_reliable_samples is None:
             rel_w = rel
@@ -275,17 +241,18 @@ class PrototypeContrastiveLoss(nn.Module):
         if unc_idx.numel() == 0:
             return None, stats
 
-        # Prototypes (eq. 4): mean of the normalised reliable features per class, sum_v onehot_vk f_v / ||f_v||.
+        # Prototypes (eq. 4): mean of the normalised reliable features per class, dense over the voxels (the
+        # reliable ones are most of the volume) without materialising normalised features; see class_feature_sums.
+        device = lab.device
         present_cls = present.nonzero(as_tuple=False).squeeze(1)  # (P,)
-        weights = (rel_lab.unsqueeze(1) == present_cls).to(inv_norm.dtype) * inv_norm.unsqueeze(1)  # (N, P)
-        protos = weighted_sum(weights) / counts[present_cls].unsqueeze(1).to(inv_norm.dtype)  # (P, E)
+        slot = torch.full((self.num_classes + 1,), num_protos, dtype=torch.long, device=device)
+        slot[present_cls] = torch.arange(num_protos, device=device)  # class -> prototype index, P = none
+        sums, _, rows, inv_norm = class_feature_sums(feat, slot[rel_lab], num_protos, unc_idx)
+        protos = sums / counts[present_cls].unsqueeze(1).to(sums.dtype)  # (P, E)
         protos = F.normalize(protos, dim=1, eps=1e-8)  # cosine similarity is scale-free
 
         # Cosine similarity of the uncertain voxels to every prototype, (M, P).
-        cos_unc = (rows(unc_idx) @ protos.t()) * inv_norm[unc_idx].unsqueeze(1)
-        device = inv_norm.device
-        slot = torch.full((self.num_classes,), -1, dtype=torch.long, device=device)
-        slot[present_cls] = torch.arange(num_protos, device=device)
+        cos_unc = (rows @ protos.t()) * inv_norm.unsqueeze(1)
         target = slot[lab[unc_idx]]  # (M,) index into the present prototypes
         logits = cos_unc / self.temperature  # (M, P)
         positive = logits.gather(1, target.unsqueeze(1)).squeeze(1)

@@ -1,0 +1,72 @@
+"""class_feature_sums: the fused projected-form function equals the direct computation, values and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from multicure_monai.losses.class_feature_sums import class_feature_sums
+from multicure_monai.networks.projected_features import ProjectedFeatures
+
+
+def _direct(f: torch.Tensor, cls: torch.Tensor, num_slots: int, idx: torch.Tensor):
+    """The definition: normalise every voxel's feature, sum per slot, read the rows."""
+    n = f.movedim(1, -1).reshape(-1, f.shape[1])
+    inv = 1.0 / n.norm(dim=1)
+    w = F.one_hot(cls, num_slots + 1)[:, :num_slots].to(n.dtype) * inv.unsqueeze(1)
+    return w.t() @ n, w.sum(dim=0), n[idx], inv[idx]
+
+
+def _inputs(hidden: int, bias: bool, channels_last: bool, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(2, hidden, 5, 4, 3, generator=g, dtype=torch.float64)
+    if channels_last:
+        h = h.contiguous(memory_format=torch.channels_last_3d)
+    w = torch.randn(6, hidden, generator=g, dtype=torch.float64)
+    b = torch.randn(6, generator=g, dtype=torch.float64) if bias else None
+    n = h.numel() // hidden
+    cls = torch.randint(0, 4, (n,), generator=g)  # slots 0..2, 3 = left out
+    idx = torch.randperm(n, generator=g)[:7]
+    return [t.requires_grad_() if t is not None else None for t in (h, w, b)], cls, idx
+
+
+@pytest.mark.parametrize("hidden", [3, 8])  # narrower than E = 6 (fused function) / not (projected first)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_projected_form_equals_definition(hidden: int, bias: bool, channels_last: bool) -> None:
+    (h, w, b), cls, idx = _inputs(hidden, bias, channels_last)
+    feat = ProjectedFeatures(h, w, b)
+    got = class_feature_sums(feat, cls, 3, idx)
+    want = _direct(feat.materialize(), cls, 3, idx)
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y)
+    probe = [torch.randn_like(x) for x in got]  # an arbitrary upstream gradient for every output
+    params = [p for p in (h, w, b) if p is not None]
+    g_got = torch.autograd.grad(sum((x * p).sum() for x, p in zip(got, probe)), params)
+    g_want = torch.autograd.grad(sum((x * p).sum() for x, p in zip(want, probe)), params)
+    for x, y in zip(g_got, g_want):
+        torch.testing.assert_close(x, y)
+
+
+def test_gradcheck_fused_function() -> None:
+    (h, w, b), cls, idx = _inputs(3, True, True, seed=1)
+    torch.autograd.gradcheck(lambda hh, ww, bb: class_feature_sums(ProjectedFeatures(hh, ww, bb), cls, 3, idx), (h, w, b))
+
+
+def test_repeated_rows_accumulate() -> None:
+    """A voxel sampled twice gets both rows' gradients (index_add, not assignment)."""
+    (h, w, b), cls, _ = _inputs(3, True, False, seed=2)
+    idx = torch.tensor([4, 4, 9])
+    rows = class_feature_sums(ProjectedFeatures(h, w, b), cls, 3, idx)[2]
+    (g,) = torch.autograd.grad(rows.sum(), h)
+    want = torch.autograd.grad(_direct(ProjectedFeatures(h, w, b).materialize(), cls, 3, idx)[2].sum(), h)[0]
+    torch.testing.assert_close(g, want)
+
+
+def test_plain_features_follow_the_definition() -> None:
+    f = torch.randn(2, 4, 3, 3, 3, dtype=torch.float64)
+    cls = torch.randint(0, 3, (54,))
+    idx = torch.arange(5)
+    for x, y in zip(class_feature_sums(f, cls, 2, idx), _direct(f, cls, 2, idx)):
+        torch.testing.assert_close(x, y)
