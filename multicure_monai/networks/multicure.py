@@ -242,6 +242,11 @@ class MultiCURE(nn.Module):
             ``z'`` of shape ``(B, d, H, W, D)``; with ``return_attention`` a tuple ``(z', K)`` where ``K`` has shape
             ``(B, 3, d)`` and sums to 1 over dim 1.
         """
+        if self.training and x.shape[0] < 2 and isinstance(self.squeeze[1], nn.BatchNorm1d):
+            raise ValueError(
+                "MultiCURE with BatchNorm1d in its attention MLP (the authors' form) needs a batch of 2 or more in "
+                f"training, got {x.shape[0]}: use a larger batch or the 'paper' form."
+            )
         u1 = self.branch_small(x)
         u2 = self.branch_large(x)
         u3 = self.branch_deform(x)

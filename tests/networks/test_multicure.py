@@ -67,6 +67,13 @@ def test_batch_size_one_trains(deformable):
     assert out.shape == (1, 4, 6, 6, 6)
 
 
+def test_authors_form_rejects_a_training_batch_of_one():
+    block = MultiCURE(3, 16, form="authors").train()
+    with pytest.raises(ValueError, match="batch of 2 or more"):
+        block(torch.randn(1, 16, 4, 4, 4))
+    assert block.eval()(torch.randn(1, 16, 4, 4, 4)).shape == (1, 16, 4, 4, 4)
+
+
 @pytest.mark.parametrize("deformable", [False, True])
 def test_uncertainty_only_enters_branch_three(deformable):
     torch.manual_seed(0)
