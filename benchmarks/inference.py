@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from multicure_monai.networks.ensemble import DualNetworkEnsemble
+from multicure_monai.networks.multicure import MULTICURE_FORMS
 from multicure_monai.networks.resnet_vnet import ResNetVNet
 from multicure_monai.networks.vnet import VNet
 from multicure_monai.sliding_window import StridedSlidingWindowInferer
@@ -66,10 +67,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def build(device: torch.device, channels_last: bool, seed: int = 0, model: str = "ensemble") -> torch.nn.Module:
-    """The deployed ensemble (or its predictive V-Net alone) with random weights, in eval mode."""
+def build(
+    device: torch.device,
+    channels_last: bool,
+    seed: int = 0,
+    model: str = "ensemble",
+    form: str = "authors",
+    level: int = 1,
+) -> torch.nn.Module:
+    """The deployed ensemble (or its predictive V-Net alone) with random weights, in eval mode; the auxiliary net's
+    MultiCURE block in ``form`` at decoder ``level`` (the bundle's ``multicure_form`` / ``multicure_level``)."""
     torch.manual_seed(seed)
-    net: torch.nn.Module = DualNetworkEnsemble(VNet(), ResNetVNet(multicure=True))
+    aux = ResNetVNet(multicure=True, multicure_level=level, multicure_kwargs={"form": form})
+    net: torch.nn.Module = DualNetworkEnsemble(VNet(), aux)
     if model == "predictive":
         net = net.predictive
     fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
@@ -125,6 +135,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=2, help="timed passes per configuration (best, median reported)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--multicure-form", default="authors", choices=list(MULTICURE_FORMS), help="the bundle's default")
+    p.add_argument("--multicure-level", type=int, default=1, help="decoder level of the block (the bundle's: 1)")
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
@@ -144,15 +156,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         batch_sizes = args.sw_batch_sizes or [1, 4, 8]
         formats = [True] if args.no_channels_last_compare else [False, True]
         models = args.models or ["ensemble"]
+    form, level = args.multicure_form, args.multicure_level
     desc = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
-    print(f"device: {desc}; torch {torch.__version__}")
+    print(f"device: {desc}; torch {torch.__version__}; MultiCURE {form} form at level {level}")
     amp_dtypes: list[torch.dtype | None] = [None]
     if args.amp:
         if cuda:
             amp_dtypes += [torch.bfloat16, torch.float16]
         else:
             print("AMP: skipped on CPU (the bundle enables autocast on CUDA only)")
-    nets = {(m, cl): build(device, cl, model=m) for m in models for cl in formats}
+    nets = {(m, cl): build(device, cl, model=m, form=form, level=level) for m in models for cl in formats}
     best_rows = []
     for shape, roi, stride in geometries:
         best_rows.append(_time_geometry(args, device, shape, roi, stride, nets, amp_dtypes, batch_sizes))

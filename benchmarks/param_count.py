@@ -28,14 +28,15 @@ def main() -> None:
     rows = [
         ("VNet (predictive, default)", VNet()),
         ("VNet + MultiCURE @ level 1", VNet(multicure=True)),
-        ("ResNetVNet (auxiliary, default, MultiCURE @ level 1)", ResNetVNet()),
+        ("ResNetVNet, the authors' MultiCURE @ 1 (bundle default)", ResNetVNet(multicure_kwargs={"form": "authors"})),
+        ("ResNetVNet, the paper's MultiCURE @ 1", ResNetVNet()),
         ("ResNetVNet without MultiCURE (ablation)", ResNetVNet(multicure=False)),
     ]
     for name, net in rows:
         heads = sum(count_parameters(p) for p in net.projections)
         mc = count_parameters(net.decoder.multicure) if net.decoder.multicure is not None else 0
         n = count_parameters(net)
-        print(f"{name:55s} {n:>11,d} ({n / 1e6:.2f}M; projection heads {heads:,d}; MultiCURE {mc:,d})")
+        print(f"{name:57s} {n:>11,d} ({n / 1e6:.2f}M; projection heads {heads:,d}; MultiCURE {mc:,d})")
 
 
 if __name__ == "__main__":

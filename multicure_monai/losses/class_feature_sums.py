@@ -39,6 +39,7 @@ class _GramNormClassSums(torch.autograd.Function):
     """``(sum_{k_v = p} h_v / n_v, sum_{k_v = p} 1 / n_v, h_idx, 1 / n_idx)`` with ``n_v^2 = h_v G h_v + 2 a.h_v + c``."""
 
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)  # norms in float32 under CUDA autocast
     def forward(
         ctx: Any, h: Tensor, gram: Tensor, a: Tensor, c: Tensor, cls: Tensor, num_slots: int, idx: Tensor
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -51,6 +52,7 @@ class _GramNormClassSums(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(
         ctx: Any, g_sums: Tensor, g_wsum: Tensor, g_rows: Tensor, g_inv_rows: Tensor
     ) -> tuple[Tensor | None, ...]:
