@@ -11,8 +11,9 @@ channels ``C`` than ``E``) the values come from the map, so the ``N x E`` projec
 ``||f_v||^2 = h_v^T (W^T W) h_v + 2 (W^T b) . h_v + b . b`` and ``sum_v w_v f_v = (sum_v w_v h_v) W^T +
 (sum_v w_v) b``. The per-voxel part is one autograd function (:class:`_GramNormClassSums`) whose backward is a
 few matrix products over the map and one gradient tensor, where autograd's chain of broadcasts and gradient
-accumulations over ``N x C`` tensors makes about a dozen passes; ``W`` and ``b`` enter through ``W^T W``, ``W^T b`` and ``b . b``, small
-tensors left to autograd. Results equal the direct computation to float rounding (tested in float64).
+accumulations over ``N x C`` tensors makes about a dozen passes; ``W`` and ``b`` enter through ``W^T W``,
+``W^T b`` and ``b . b``, small tensors left to autograd. Results equal the direct computation to float rounding
+(tested in float64).
 """
 
 from __future__ import annotations
