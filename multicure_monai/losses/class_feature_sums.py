@@ -37,7 +37,7 @@ def _class_weights(cls: Tensor, num_slots: int, inv_norm: Tensor) -> Tensor:
 
 
 class _GramNormClassSums(torch.autograd.Function):
-    """``(sum_{k_v = p} h_v / n_v, sum_{k_v = p} 1 / n_v, h_idx, 1 / n_idx)`` with ``n_v^2 = h_v G h_v + 2 a.h_v + c``."""
+    """``(sum_{k_v = p} h_v / n_v, sum_{k_v = p} 1 / n_v, h_idx, 1 / n_idx)``, ``n_v^2 = h_v G h_v + 2 a.h_v + c``."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)  # norms in float32 under CUDA autocast

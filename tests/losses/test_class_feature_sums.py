@@ -51,7 +51,10 @@ def test_projected_form_equals_definition(hidden: int, bias: bool, channels_last
 
 def test_gradcheck_fused_function() -> None:
     (h, w, b), cls, idx = _inputs(3, True, True, seed=1)
-    torch.autograd.gradcheck(lambda hh, ww, bb: class_feature_sums(ProjectedFeatures(hh, ww, bb), cls, 3, idx), (h, w, b))
+    def fn(hh, ww, bb):
+        return class_feature_sums(ProjectedFeatures(hh, ww, bb), cls, 3, idx)
+
+    torch.autograd.gradcheck(fn, (h, w, b))
 
 
 def test_repeated_rows_accumulate() -> None:
