@@ -56,6 +56,7 @@ def _summary(parser: ConfigParser, workflow: str) -> dict:
             parser.get_parsed_content("uncertainty_threshold"),
             list(parser.get_parsed_content("deploy_weights")),
             net.predictive_uses_uncertainty,
+            parser.get_parsed_content("keep_largest_component"),
         ),
         "classes": (parser.get_parsed_content("num_classes"), parser.get_parsed_content("in_channels")),
     }  # fmt: skip
