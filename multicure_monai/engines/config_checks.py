@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from multicure_monai.networks.multicure import MULTICURE_FORMS
@@ -24,19 +24,6 @@ def _is_int(v: Any) -> bool:
 
 def _is_num(v: Any) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(float(v))
-
-
-def _check_multicure_form(form: Any, switches: dict, labeled: Any, unlabeled: Any, bad: Callable) -> None:
-    if form not in MULTICURE_FORMS:
-        bad("multicure_form", form, f"must be one of {sorted(MULTICURE_FORMS)}")
-        return
-    has_block = switches.get("use_multicure", True) is True or switches.get("predictive_uses_uncertainty") is True
-    if not (MULTICURE_FORMS[form].get("squeeze_norm") and has_block and _is_int(labeled) and _is_int(unlabeled)):
-        return
-    batch = labeled + (0 if switches.get("supervised_only") is True else unlabeled)
-    if batch < 2:
-        bad("multicure_form", form, f"needs a training batch of 2 or more (BatchNorm1d in the block's attention MLP), "
-            f"got {batch}: raise labeled_batch_size or use --multicure_form paper")
 
 
 def check_training_config(
@@ -70,9 +57,7 @@ def check_training_config(
     stride not larger than the patch; every entry of ``switches`` (on/off options such as ``use_contrastive``)
     is a real boolean: ``monai.bundle``'s command line (fire) reads ``--use_contrastive false`` as the string
     ``'false'``, which Python treats as true, so a lower-case value would silently switch the option ON.
-    ``multicure_form`` is a key of :data:`~multicure_monai.networks.MULTICURE_FORMS`; the ``authors`` form (BatchNorm1d
-    in its attention MLP) needs a training batch of 2 or more wherever a block is built (``use_multicure`` or
-    ``predictive_uses_uncertainty`` in ``switches``; the batch is labelled + unlabelled unless ``supervised_only``).
+    ``multicure_form`` is a key of :data:`~multicure_monai.networks.MULTICURE_FORMS`.
     """
     problems: list[str] = []
 
@@ -127,8 +112,8 @@ def check_training_config(
     for name, value in (switches or {}).items():
         if not isinstance(value, bool):
             bad(name, value, f"must be True or False (capitalised on the command line: --{name} False)")
-    if multicure_form is not None:
-        _check_multicure_form(multicure_form, switches or {}, labeled_batch_size, unlabeled_batch_size, bad)
+    if multicure_form is not None and multicure_form not in MULTICURE_FORMS:
+        bad("multicure_form", multicure_form, f"must be one of {sorted(MULTICURE_FORMS)}")
     if problems:
         n = len(problems)
         head = f"config check failed with {n} value{'s' if n > 1 else ''} out of range:"

@@ -25,8 +25,8 @@ uncertainty map        adaptive max-pool to the feature size   max-pool 3, strid
 
 MONAI has selective-kernel style blocks only for 2D classification nets and no deformable convolution, so the
 block is written here from MONAI ``Convolution``/``ADN`` pieces. The ``paper`` form has no BatchNorm in the
-attention MLP and trains with a batch size of 1; the ``authors`` form's BatchNorm1d needs batches of 2 or more
-in training.
+attention MLP; in the ``authors`` form's BatchNorm1d a training batch of one is normalised with the running
+statistics (one sample has no batch variance).
 """
 
 from __future__ import annotations
@@ -223,6 +223,17 @@ class MultiCURE(nn.Module):
         self.squeeze = nn.Sequential(*squeeze, nn.ReLU())
         self.excite = nn.ModuleList([nn.Linear(self.hidden, d) for _ in range(3)])
 
+    def _squeeze(self, s: torch.Tensor) -> torch.Tensor:
+        """The attention MLP's squeeze. A training batch of one has no batch variance, so the authors' BatchNorm1d
+        then normalises with its running statistics (and leaves them unchanged) instead of failing: MONAI Label
+        trains from a single labelled image when a datastore has no unlabelled one."""
+        norm = self.squeeze[1] if len(self.squeeze) > 2 else None
+        if not (self.training and s.shape[0] == 1 and type(norm) is nn.BatchNorm1d):
+            return self.squeeze(s)
+        z = self.squeeze[0](s)
+        z = F.batch_norm(z, norm.running_mean, norm.running_var, norm.weight, norm.bias, False, 0.0, norm.eps)
+        return self.squeeze[2](z)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -242,11 +253,6 @@ class MultiCURE(nn.Module):
             ``z'`` of shape ``(B, d, H, W, D)``; with ``return_attention`` a tuple ``(z', K)`` where ``K`` has shape
             ``(B, 3, d)`` and sums to 1 over dim 1.
         """
-        if self.training and x.shape[0] < 2 and isinstance(self.squeeze[1], nn.BatchNorm1d):
-            raise ValueError(
-                "MultiCURE with BatchNorm1d in its attention MLP (the authors' form) needs a batch of 2 or more in "
-                f"training, got {x.shape[0]}: use a larger batch or the 'paper' form."
-            )
         u1 = self.branch_small(x)
         u2 = self.branch_large(x)
         u3 = self.branch_deform(x)
@@ -262,7 +268,7 @@ class MultiCURE(nn.Module):
             s = self.mix(torch.cat(branches, dim=1)).flatten(2).mean(dim=2)  # (B, d)
         else:  # global average pooling of q = [u1 || u2 || u3], per branch: q itself is never materialised
             s = torch.cat([u.flatten(2).mean(dim=2) for u in branches], dim=1)  # (B, 3d)
-        k = self.squeeze(s)  # (B, hidden)
+        k = self._squeeze(s)  # (B, hidden)
         logits = torch.stack([fc(k) for fc in self.excite], dim=1)  # (B, 3, d)
         attn = torch.softmax(logits, dim=1)
         shape = (x.shape[0], self.out_channels) + (1,) * self.spatial_dims

@@ -179,10 +179,6 @@ def test_bad_datalist_entry(tmp_path: Path, name: str, make, expected: str, kind
         ({"sw_stride": [48, 16, 16]}, "sw_stride=[48, 16, 16]: must not exceed roi_size=[32, 32, 32]"),
         ({"switches": {"use_contrastive": "false"}}, "use_contrastive='false': must be True or False"),
         ({"multicure_form": "sk"}, "multicure_form='sk': must be one of ['authors', 'paper']"),
-        (
-            {"multicure_form": "authors", "labeled_batch_size": 1, "switches": {"supervised_only": True}},
-            "multicure_form='authors': needs a training batch of 2 or more",
-        ),
     ],
     ids=lambda v: next(iter(v)) if isinstance(v, dict) else "",
 )
@@ -194,18 +190,6 @@ def test_config_value_out_of_range(override: dict, expected: str) -> None:
     print(f"[{override}] {err.value}")
     assert expected in str(err.value)
     assert str(err.value).startswith("config check failed with 1 value out of range")
-
-
-@pytest.mark.parametrize(
-    "form, labeled, switches",
-    [
-        ("authors", 1, {}),  # 1 labelled + 1 unlabelled volume: the block sees a batch of 2
-        ("authors", 1, {"supervised_only": True, "use_multicure": False}),  # no block built
-        ("paper", 1, {"supervised_only": True}),  # no BatchNorm in the paper's block
-    ],
-)
-def test_multicure_form_batch_rule_accepts(form: str, labeled: int, switches: dict) -> None:
-    assert check_training_config(multicure_form=form, labeled_batch_size=labeled, switches=switches)
 
 
 class _Net(nn.Module):

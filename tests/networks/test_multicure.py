@@ -67,11 +67,22 @@ def test_batch_size_one_trains(deformable):
     assert out.shape == (1, 4, 6, 6, 6)
 
 
-def test_authors_form_rejects_a_training_batch_of_one():
+def test_authors_form_trains_with_a_batch_of_one():
+    """A batch of one uses the squeeze BatchNorm's running statistics, leaves them unchanged and still trains it."""
+    torch.manual_seed(0)
     block = MultiCURE(3, 16, form="authors").train()
-    with pytest.raises(ValueError, match="batch of 2 or more"):
-        block(torch.randn(1, 16, 4, 4, 4))
-    assert block.eval()(torch.randn(1, 16, 4, 4, 4)).shape == (1, 16, 4, 4, 4)
+    block(torch.randn(4, 16, 4, 4, 4))  # batches of 2+ update the running statistics
+    norm = block.squeeze[1]
+    before = (norm.running_mean.clone(), norm.running_var.clone())
+    x = torch.randn(1, 16, 4, 4, 4)
+    out, attn = block(x, return_attention=True)
+    out.square().mean().backward()
+    assert torch.equal(norm.running_mean, before[0]) and torch.equal(norm.running_var, before[1])
+    assert norm.weight.grad is not None and norm.weight.grad.abs().sum() > 0
+    # the attention equals the eval-mode attention (the branches' own BatchNorm3d still use the batch)
+    s = block.mix(torch.cat([block.branch_small(x), block.branch_large(x), block.branch_deform(x)], 1)).mean((2, 3, 4))
+    expected = torch.softmax(torch.stack([fc(block.squeeze.eval()(s)) for fc in block.excite], 1), dim=1)
+    torch.testing.assert_close(attn, expected)
 
 
 @pytest.mark.parametrize("deformable", [False, True])
