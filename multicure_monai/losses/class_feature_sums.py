@@ -60,8 +60,8 @@ class _GramNormClassSums(torch.autograd.Function):
         # Written with matrix products over the voxels: on CPU they run several times faster than the equivalent
         # broadcast elementwise passes over the N x C map.
         h, gram, a, inv, cls, idx = ctx.saved_tensors
-        w = _class_weights(cls, ctx.num_slots, inv)  # (N, P)
-        onehot_g = _class_weights(cls, ctx.num_slots, torch.ones_like(inv))
+        onehot_g = _class_weights(cls, ctx.num_slots, torch.ones_like(inv))  # (N, P)
+        w = onehot_g * inv.unsqueeze(1)
         # dL/d(1/n_v): from the class sums (g_sums[k_v] . h_v + g_wsum[k_v]) and from the sampled rows
         g_inv = ((h @ g_sums.t()) * onehot_g).sum(dim=1) + onehot_g @ g_wsum
         g_sq = g_inv.index_add_(0, idx, g_inv_rows).mul_(inv.pow(3)).mul_(-0.5)  # dL/d(n_v^2)

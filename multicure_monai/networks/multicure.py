@@ -57,6 +57,17 @@ MULTICURE_FORMS: dict[str, dict] = {
 }
 
 
+class _SqueezeBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d of the authors' attention MLP. A training batch of one has no batch variance, so it is normalised
+    with the running statistics (left unchanged) instead of failing: MONAI Label trains from a single labelled
+    image when a datastore has no unlabelled one. Same parameters and state-dict keys as ``nn.BatchNorm1d``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.shape[0] == 1:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        return super().forward(x)
+
+
 def resize_uncertainty_map(
     uncertainty: torch.Tensor, spatial_size: Sequence[int], pool: str = "adaptive"
 ) -> torch.Tensor:
@@ -219,20 +230,9 @@ class MultiCURE(nn.Module):
         self.mix: nn.Module | None = conv_type(3 * d, d, kernel_size=1) if mix_branches else None
         squeeze: list[nn.Module] = [nn.Linear(pooled, self.hidden)]
         if squeeze_norm:
-            squeeze.append(nn.BatchNorm1d(self.hidden))
+            squeeze.append(_SqueezeBatchNorm1d(self.hidden))
         self.squeeze = nn.Sequential(*squeeze, nn.ReLU())
         self.excite = nn.ModuleList([nn.Linear(self.hidden, d) for _ in range(3)])
-
-    def _squeeze(self, s: torch.Tensor) -> torch.Tensor:
-        """The attention MLP's squeeze. A training batch of one has no batch variance, so the authors' BatchNorm1d
-        then normalises with its running statistics (and leaves them unchanged) instead of failing: MONAI Label
-        trains from a single labelled image when a datastore has no unlabelled one."""
-        norm = self.squeeze[1] if len(self.squeeze) > 2 else None
-        if not (self.training and s.shape[0] == 1 and type(norm) is nn.BatchNorm1d):
-            return self.squeeze(s)
-        z = self.squeeze[0](s)
-        z = F.batch_norm(z, norm.running_mean, norm.running_var, norm.weight, norm.bias, False, 0.0, norm.eps)
-        return self.squeeze[2](z)
 
     def forward(
         self,
@@ -268,7 +268,7 @@ class MultiCURE(nn.Module):
             s = self.mix(torch.cat(branches, dim=1)).flatten(2).mean(dim=2)  # (B, d)
         else:  # global average pooling of q = [u1 || u2 || u3], per branch: q itself is never materialised
             s = torch.cat([u.flatten(2).mean(dim=2) for u in branches], dim=1)  # (B, 3d)
-        k = self._squeeze(s)  # (B, hidden)
+        k = self.squeeze(s)  # (B, hidden)
         logits = torch.stack([fc(k) for fc in self.excite], dim=1)  # (B, 3, d)
         attn = torch.softmax(logits, dim=1)
         shape = (x.shape[0], self.out_channels) + (1,) * self.spatial_dims
