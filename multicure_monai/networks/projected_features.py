@@ -16,6 +16,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from multicure_monai.networks.padding import crop_to
+
 __all__ = ["ProjectedFeatures"]
 
 
@@ -23,19 +25,24 @@ class ProjectedFeatures(NamedTuple):
     """``weight @ hidden + bias`` over the channel axis, not yet computed.
 
     Attributes:
-        hidden: feature map ``(B, C, *S)`` (any memory format).
+        hidden: feature map ``(B, C, *P)`` (any memory format).
         weight: projection matrix ``(E, C)`` (a 1x1x1 convolution's weight, flattened).
         bias: ``(E,)`` or ``None``.
+        size: spatial size ``S`` of the features, the first ``S`` voxels per axis of ``hidden`` (a net that pads
+            its input hands over the padded map and the size of the crop that undoes the padding, so the loss
+            reads the kept voxels in place and nothing copies or pads back the whole map); ``None``: ``S = P``.
     """
 
     hidden: torch.Tensor
     weight: torch.Tensor
     bias: torch.Tensor | None
+    size: tuple[int, ...] | None = None
 
     @property
     def shape(self) -> torch.Size:
         """Shape of the projected map, ``(B, E, *S)``."""
-        return torch.Size((self.hidden.shape[0], self.weight.shape[0], *self.hidden.shape[2:]))
+        spatial = self.hidden.shape[2:] if self.size is None else self.size
+        return torch.Size((self.hidden.shape[0], self.weight.shape[0], *spatial))
 
     @property
     def ndim(self) -> int:
@@ -43,5 +50,6 @@ class ProjectedFeatures(NamedTuple):
 
     def materialize(self) -> torch.Tensor:
         """The projected map ``(B, E, *S)``, as the 1x1x1 convolution computes it (same memory format as ``hidden``)."""
-        out = F.linear(self.hidden.movedim(1, -1), self.weight, self.bias)
+        hidden = self.hidden if self.size is None else crop_to(self.hidden, self.size)
+        out = F.linear(hidden.movedim(1, -1), self.weight, self.bias)
         return out.movedim(-1, 1)

@@ -252,7 +252,8 @@ class VNetBase(nn.Module):
                 at another resolution than ``x`` is taken to cover the same field of view and resized to
                 ``(H, W, D)`` first (max-pool / nearest). Ignored when the net has no MultiCURE block.
             return_features: also return the projected decoder features; ``"deferred"`` returns each level as
-                :class:`ProjectedFeatures` (the decoder map and its projection head, not yet applied), which
+                :class:`ProjectedFeatures` (the padded decoder map, the crop's size and the projection head, not yet
+                applied), which
                 :class:`~multicure_monai.losses.PrototypeContrastiveLoss` reads without writing the projected map.
 
         Returns:
@@ -279,16 +280,18 @@ class VNetBase(nn.Module):
             return logits
         if return_features not in (True, "deferred"):
             raise ValueError(f"return_features must be False, True or 'deferred', got {return_features!r}.")
-        # crop, then project: the 1x1x1 projection commutes with the crop and runs on the kept voxels only
-        cropped = [crop_to(decoded[lvl], level_size(spatial, lvl)) for lvl in self.feature_levels]
+        sizes = [level_size(spatial, lvl) for lvl in self.feature_levels]
         if return_features == "deferred":
-            # views, never the Parameters themselves: DistributedDataParallel (find_unused_parameters) finds the
-            # parameters a step uses by walking the outputs' graph, and a bare leaf in the outputs has none
+            # the padded maps with the crop's size (read in place by the loss); views, never the Parameters
+            # themselves: DistributedDataParallel (find_unused_parameters) finds the parameters a step uses by
+            # walking the outputs' graph, and a bare leaf in the outputs has none
             return logits, [
-                ProjectedFeatures(h, proj.weight.flatten(1), None if proj.bias is None else proj.bias.view(-1))
-                for h, proj in zip(cropped, self.projections)
+                ProjectedFeatures(decoded[lvl], p.weight.flatten(1), None if p.bias is None else p.bias.view(-1), s)
+                for lvl, p, s in zip(self.feature_levels, self.projections, sizes)
             ]
-        return logits, [proj(h) for h, proj in zip(cropped, self.projections)]
+        # crop, then project: the 1x1x1 projection commutes with the crop and runs on the kept voxels only
+        levels = zip(self.feature_levels, self.projections, sizes)
+        return logits, [proj(crop_to(decoded[lvl], s)) for lvl, proj, s in levels]
 
 
 class VNet(VNetBase):

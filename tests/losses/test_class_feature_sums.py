@@ -1,4 +1,5 @@
-"""class_feature_sums: the fused projected-form function equals the direct computation, values and gradients."""
+"""class_feature_sums: the fused projected-form function equals the direct computation, values and gradients, for
+any slab size, on a padded map read through its crop size, in 2D and 3D."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from multicure_monai.losses.class_feature_sums import class_feature_sums
+from multicure_monai.networks.padding import crop_to
 from multicure_monai.networks.projected_features import ProjectedFeatures
 
 
@@ -72,4 +74,58 @@ def test_plain_features_follow_the_definition() -> None:
     cls = torch.randint(0, 3, (54,))
     idx = torch.arange(5)
     for x, y in zip(class_feature_sums(f, cls, 2, idx), _direct(f, cls, 2, idx)):
+        torch.testing.assert_close(x, y)
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 5, 13, 10_000])  # one row of the first axis per slab ... one slab
+@pytest.mark.parametrize("spatial", [(5, 4, 3), (6, 7)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_padded_map_with_crop_size_equals_the_cropped_map(chunk_rows: int, spatial: tuple, channels_last: bool) -> None:
+    """A padded map handed over with the crop's size gives the values of the cropped map, and its gradient is the
+    cropped map's gradient padded with zeros, whatever the slab size."""
+    g = torch.Generator().manual_seed(3)
+    padded = torch.randn(2, 3, *(s + 2 for s in spatial), generator=g, dtype=torch.float64)
+    if channels_last and len(spatial) == 3:
+        padded = padded.contiguous(memory_format=torch.channels_last_3d)
+    padded.requires_grad_()
+    w = torch.randn(6, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True)
+    n = 2 * torch.Size(spatial).numel()
+    cls = torch.randint(0, 4, (n,), generator=g)
+    idx = torch.cat([torch.randperm(n, generator=g)[:6], torch.tensor([n - 1, n - 1])])  # last voxel twice
+    got = class_feature_sums(ProjectedFeatures(padded, w, b, spatial), cls, 3, idx, chunk_rows=chunk_rows)
+    want = _direct(ProjectedFeatures(crop_to(padded, spatial), w, b).materialize(), cls, 3, idx)
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y)
+    probe = [torch.randn(x.shape, generator=g, dtype=x.dtype) for x in got]
+    g_got = torch.autograd.grad(sum((x * p).sum() for x, p in zip(got, probe)), (padded, w, b))
+    g_want = torch.autograd.grad(sum((x * p).sum() for x, p in zip(want, probe)), (padded, w, b))
+    for x, y in zip(g_got, g_want):
+        torch.testing.assert_close(x, y)
+    assert g_got[0].shape == padded.shape
+
+
+def test_gradcheck_padded_map_in_slabs() -> None:
+    g = torch.Generator().manual_seed(4)
+    padded = torch.randn(2, 3, 4, 4, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True)
+    cls = torch.randint(0, 3, (2 * 3 * 3 * 2,), generator=g)
+    idx = torch.tensor([0, 7, 7, 35])
+
+    def fn(hh, ww, bb):
+        return class_feature_sums(ProjectedFeatures(hh, ww, bb, (3, 3, 2)), cls, 2, idx, chunk_rows=6)
+
+    torch.autograd.gradcheck(fn, (padded, w, b))
+
+
+def test_half_precision_map_is_summed_in_float32() -> None:
+    """A bfloat16 map gives float32 sums equal to those of the same values in float32."""
+    (h, w, b), cls, idx = _inputs(3, True, True, seed=5)
+    h16 = h.detach().to(torch.bfloat16)
+    w32, b32 = w.detach().float(), b.detach().float()
+    got = class_feature_sums(ProjectedFeatures(h16, w32, b32), cls, 3, idx)
+    want = class_feature_sums(ProjectedFeatures(h16.float(), w32, b32), cls, 3, idx)
+    for x, y in zip(got, want):
+        assert x.dtype == torch.float32
         torch.testing.assert_close(x, y)
