@@ -73,7 +73,7 @@ def build(
     seed: int = 0,
     model: str = "ensemble",
     form: str = "authors",
-    level: int = 1,
+    level: int = 2,
 ) -> torch.nn.Module:
     """The deployed ensemble (or its predictive V-Net alone) with random weights, in eval mode; the auxiliary net's
     MultiCURE block in ``form`` at decoder ``level`` (the bundle's ``multicure_form`` / ``multicure_level``)."""
@@ -136,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--multicure-form", default="authors", choices=list(MULTICURE_FORMS), help="the bundle's default")
-    p.add_argument("--multicure-level", type=int, default=1, help="decoder level of the block (the bundle's: 1)")
+    p.add_argument("--multicure-level", type=int, default=2, help="decoder level of the block (the bundle's: 2)")
     args = p.parse_args(argv)
 
     device = torch.device(args.device)

@@ -28,7 +28,9 @@ def main() -> None:
     rows = [
         ("VNet (predictive, default)", VNet()),
         ("VNet + MultiCURE @ level 1", VNet(multicure=True)),
-        ("ResNetVNet, the authors' MultiCURE @ 1 (bundle default)", ResNetVNet(multicure_kwargs={"form": "authors"})),
+        ("ResNetVNet, the authors' MultiCURE @ 2 (bundle default)",
+         ResNetVNet(multicure_level=2, multicure_kwargs={"form": "authors"})),
+        ("ResNetVNet, the authors' MultiCURE @ 1", ResNetVNet(multicure_kwargs={"form": "authors"})),
         ("ResNetVNet, the paper's MultiCURE @ 1", ResNetVNet()),
         ("ResNetVNet without MultiCURE (ablation)", ResNetVNet(multicure=False)),
     ]

@@ -201,7 +201,7 @@ def build(
     form: str | None,
     device: torch.device,
     channels_last: bool,
-    multicure_level: int = 1,
+    multicure_level: int = 2,
     contrastive: bool | None = None,
     deferred: bool = True,
 ) -> SemiSupervisedTrainer:
@@ -270,7 +270,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-channels-last", action="store_true")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
-    parser.add_argument("--multicure-level", type=int, default=1, help="decoder level of the MultiCURE block")
+    parser.add_argument("--multicure-level", type=int, default=2, help="decoder level of the block (the bundle's: 2)")
     parser.add_argument("--forms", nargs="+", default=list(MULTICURE_FORMS), choices=list(MULTICURE_FORMS))
     parser.add_argument("--split", action="store_true",
                         help="also time the first form without the contrastive loss and the contrastive loss without "

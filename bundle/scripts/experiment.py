@@ -53,7 +53,7 @@ ARMS: dict[str, list[str]] = {
     "band": ["--contrastive_anchors", "band"],  # eq. 5 anchored on the labelled boundary band (the default since v0.7)
     "labelled": ["--contrastive_anchors", "labelled"],  # eq. 5 on the uncertain labelled voxels (the v0.6 default)
     "authors": ["--multicure_form", "authors"],  # the authors' released MultiCURE block
-    "level2": ["--multicure_level", "2"],  # the block on the quarter-resolution decoder stage (a cheaper step)
+    "level1": ["--multicure_level", "1"],  # the block on the half-resolution decoder stage (the paper's place)
     # the full method with the paper's reading of every switch (bundle/docs/README.md, "Method switches")
     "paper": ["--teacher", "predictive", "--reg_normalization", "xor", "--reg_confidence_threshold", "None",
               "--rampup_iterations", "@max_iterations", "--contrastive_anchors", "all"],  # fmt: skip
