@@ -252,9 +252,9 @@ class VNetBase(nn.Module):
                 at another resolution than ``x`` is taken to cover the same field of view and resized to
                 ``(H, W, D)`` first (max-pool / nearest). Ignored when the net has no MultiCURE block.
             return_features: also return the projected decoder features; ``"deferred"`` returns each level as
-                :class:`ProjectedFeatures` (the padded decoder map, the crop's size and the projection head, not yet
-                applied), which
-                :class:`~multicure_monai.losses.PrototypeContrastiveLoss` reads without writing the projected map.
+                :class:`ProjectedFeatures` (the padded decoder map, the crop's size and the projection head, not
+                yet applied), which :class:`~multicure_monai.losses.PrototypeContrastiveLoss` reads without
+                writing the projected map.
 
         Returns:
             logits ``(B, out_channels, H, W, D)``; or, with ``return_features``, ``(logits, features)`` where
