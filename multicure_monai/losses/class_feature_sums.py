@@ -99,29 +99,24 @@ class _GramNormClassSums(torch.autograd.Function):
         h, gram, a, inv, cls, idx = ctx.saved_tensors
         dtype, size, num_slots = gram.dtype, ctx.size, ctx.num_slots
         g_sums, g_wsum = g_sums.to(dtype), g_wsum.to(dtype)
-        g_sums_t = torch.cat([g_sums, g_sums.new_zeros(1, g_sums.shape[1])]).t()  # (C, P + 1): slot P has none
-        g_wsum_k = torch.cat([g_wsum, g_wsum.new_zeros(1)])
         g_inv_idx = torch.zeros_like(inv).index_add_(0, idx, g_inv_rows.to(dtype))  # the sampled rows' dL/d(1/n_v)
-        grad = torch.empty((h.shape[0], *h.shape[2:], h.shape[1]), dtype=h.dtype, device=h.device)  # (B, *S, C)
-        grad[:, size[0] :].zero_()  # the rest of the padding is zeroed slab by slab, next to what is written
+        shape = (h.shape[0], *h.shape[2:], h.shape[1])  # (B, *S, C); zero outside the kept voxels of a padded map
+        grad = h.new_zeros(shape) if tuple(h.shape[2:]) != tuple(size) else h.new_empty(shape)
         g_gram, g_a, g_c = torch.zeros_like(gram), torch.zeros_like(a), inv.new_zeros(())
         with torch.autocast(h.device.type, enabled=False):
             for start, stop, where, hs in _slabs(h, size, ctx.rows, dtype):
-                k, inv_s = cls[start:stop], inv[start:stop]
+                onehot = _class_weights(cls[start:stop], num_slots, torch.ones_like(inv[start:stop]))  # (n, P)
+                inv_s = inv[start:stop]
                 # dL/d(1/n_v) = g_sums[k_v] . h_v + g_wsum[k_v] (+ the rows'), then dL/d(n_v^2)
-                g_sq = (hs @ g_sums_t).gather(1, k.unsqueeze(1)).squeeze(1)
-                g_sq.add_(g_wsum_k[k]).add_(g_inv_idx[start:stop])
+                g_sq = ((hs @ g_sums.t()) * onehot).sum(dim=1).add_(onehot @ g_wsum).add_(g_inv_idx[start:stop])
                 g_sq.mul_(inv_s.pow(3)).mul_(-0.5)
                 g_gram.addmm_(hs.t(), hs * g_sq.unsqueeze(1))
                 g_a.addmv_(hs.t(), g_sq, alpha=2.0)
                 g_c += g_sq.sum()
                 # dL/dh_v = g_sums[k_v] / n_v + 2 dL/d(n_v^2) (G h_v + a)
                 gh = (hs @ gram).add_(a).mul_(g_sq.unsqueeze(1) * 2.0)
-                gh.addmm_(_class_weights(k, num_slots, inv_s), g_sums)
-                dest = grad[where[:2]]  # (x1 - x0, *S[1:], C)
-                dest[(slice(None),) + where[2:]] = gh.view(-1, *size[1:], h.shape[1])
-                for axis in range(1, len(size)):  # the slab's padding along the other axes
-                    dest[(slice(None),) + where[2 : 1 + axis] + (slice(size[axis], None),)].zero_()
+                gh.addmm_(onehot.mul_(inv_s.unsqueeze(1)), g_sums)
+                grad[where] = gh.view(-1, *size[1:], h.shape[1])
             grad.index_put_(torch.unravel_index(idx, (h.shape[0], *size)), g_rows.to(h.dtype), accumulate=True)
         return grad.movedim(-1, 1), g_gram, g_a, g_c, None, None, None, None, None
 
