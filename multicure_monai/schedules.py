@@ -1,4 +1,4 @@
-"""Iteration-dependent loss weights ``lambda_u`` and ``lambda_c`` (eq. 3).
+"""Iteration-dependent loss weights ``lambda_u`` and ``lambda_c`` (eq. 3), and the learning-rate policy.
 
 Section 3 of the paper states ``lambda_c = 0.1 * e^{4 (1 - t / t_max)^2}``. Read literally this *decays*
 from ``0.1 * e^4 ~= 5.46`` at ``t = 0`` to ``0.1`` at ``t_max``, i.e. the contrastive term would dominate the
@@ -16,15 +16,29 @@ offered:
 length, so a 300- and a 6000-iteration run see different curves; :class:`LossWeightSchedule` takes it as its own
 ``rampup_iterations`` (the bundle's ``rampup_iterations``), independent of the run length. MONAI has no loss-weight
 schedule, so this is written by hand.
+
+:func:`learning_rate_scheduler` picks the learning-rate policy by name for the bundle's ``lr_policy`` switch:
+the paper's steps, or a polynomial decay that reaches zero at the run's end, so that a short run ends on a
+converged model rather than on a snapshot of SGD at the full learning rate.
 """
 
 from __future__ import annotations
 
 import math
 
-__all__ = ["SCHEDULE_FORMS", "contrastive_weight", "LossWeightSchedule", "ContrastiveWeightSchedule"]
+import torch
+
+__all__ = [
+    "SCHEDULE_FORMS",
+    "LR_POLICIES",
+    "contrastive_weight",
+    "LossWeightSchedule",
+    "ContrastiveWeightSchedule",
+    "learning_rate_scheduler",
+]
 
 SCHEDULE_FORMS: tuple[str, ...] = ("authors", "paper", "constant")
+LR_POLICIES: tuple[str, ...] = ("step", "poly")
 
 
 def _validate(max_iterations: int, base: float, form: str) -> None:
@@ -106,3 +120,38 @@ class ContrastiveWeightSchedule(LossWeightSchedule):
     def max_iterations(self) -> int:
         """The horizon ``t_max`` (the same value as ``rampup_iterations``)."""
         return self.rampup_iterations
+
+
+def learning_rate_scheduler(
+    optimizer: torch.optim.Optimizer,
+    policy: str = "step",
+    max_iterations: int | None = None,
+    step_size: int = 2500,
+    gamma: float = 0.1,
+    power: float = 0.9,
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """The learning-rate scheduler of ``policy``, stepped once per iteration.
+
+    Args:
+        optimizer: the optimizer whose learning rate is scheduled.
+        policy: ``"step"`` (the paper: multiply by ``gamma`` every ``step_size`` iterations, :class:`StepLR`) or
+            ``"poly"`` (``lr * (1 - t / max_iterations) ** power``, zero after ``max_iterations`` steps,
+            :class:`PolynomialLR`).
+        max_iterations: the run length; required by ``"poly"``.
+        step_size: iterations between two steps of ``"step"``.
+        gamma: factor of each step of ``"step"``.
+        power: exponent of ``"poly"``.
+
+    Returns:
+        A PyTorch scheduler (its state goes into the resume checkpoints as any scheduler's does).
+
+    Raises:
+        ValueError: an unknown policy, or ``"poly"`` without a positive ``max_iterations``.
+    """
+    if policy == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=gamma)
+    if policy == "poly":
+        if max_iterations is None or int(max_iterations) <= 0:
+            raise ValueError(f"lr_policy 'poly' needs a positive max_iterations, got {max_iterations!r}.")
+        return torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=int(max_iterations), power=power)
+    raise ValueError(f"Unknown lr_policy {policy!r}; choose one of {list(LR_POLICIES)}.")

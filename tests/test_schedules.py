@@ -6,6 +6,7 @@ import math
 import pickle
 
 import pytest
+import torch
 
 from multicure_monai.schedules import ContrastiveWeightSchedule, contrastive_weight
 
@@ -67,3 +68,35 @@ def test_schedule_object_matches_function_and_pickles(form: str) -> None:
         assert schedule(t) == expected
         assert clone(t) == expected
     assert form in repr(schedule)
+
+
+def _lrs(policy: str, steps: int, **kwargs) -> list[float]:
+    from multicure_monai.schedules import learning_rate_scheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+    scheduler = learning_rate_scheduler(optimizer, policy, **kwargs)
+    out = []
+    for _ in range(steps):
+        out.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return out
+
+
+def test_step_policy_is_the_papers_steps() -> None:
+    lrs = _lrs("step", 7, step_size=3, gamma=0.1)
+    assert lrs == pytest.approx([0.01] * 3 + [0.001] * 3 + [0.0001])
+
+
+@pytest.mark.parametrize("max_iterations", [4, 300])
+def test_poly_policy_anneals_to_zero_at_the_end(max_iterations: int) -> None:
+    lrs = _lrs("poly", max_iterations + 1, max_iterations=max_iterations)
+    expected = [0.01 * (1 - t / max_iterations) ** 0.9 for t in range(max_iterations + 1)]
+    assert lrs == pytest.approx(expected, abs=1e-12)
+    assert lrs[-1] == 0.0 and all(a > b for a, b in zip(lrs[:-1], lrs[1:]))
+
+
+@pytest.mark.parametrize("policy, kwargs", [("cosine", {}), ("poly", {}), ("poly", {"max_iterations": 0})])
+def test_unknown_or_incomplete_lr_policy_is_refused(policy: str, kwargs: dict) -> None:
+    with pytest.raises(ValueError, match="lr_policy"):
+        _lrs(policy, 1, **kwargs)

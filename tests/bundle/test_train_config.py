@@ -78,3 +78,23 @@ def test_initialize_checks_the_config_values(override: dict) -> None:
 
 def test_default_config_passes_its_check() -> None:
     assert _parser().get_parsed_content("config_check")
+
+
+@pytest.mark.parametrize("selection, key_metric, final", [("best", True, False), ("final", False, True)])
+def test_model_selection_picks_the_writer_of_model_pt(selection: str, key_metric: bool, final: bool) -> None:
+    """best: the key-metric saver of validation writes model.pt; final: the trainer's saver at the end of the run."""
+    parser = _parser(model_selection=selection)
+    parser["validate"]["dataset"]["data"] = [{"image": "case.nii.gz", "label": "case_label.nii.gz"}]
+    assert parser.get_parsed_content("validate#model_saver#save_key_metric") is key_metric
+    saver = next(h for h in parser["train"]["handlers"] if h.get("final_filename") == "model.pt")
+    disabled = parser.get_parsed_content(f"train#handlers#{parser['train']['handlers'].index(saver)}#_disabled_")
+    assert disabled is not final
+
+
+@pytest.mark.parametrize("policy, last_lr", [("step", 0.01), ("poly", 0.0)])
+def test_lr_policy_switch(policy: str, last_lr: float) -> None:
+    scheduler = _parser(lr_policy=policy, max_iterations=300, roi_size=[32, 32, 32]).get_parsed_content("lr_scheduler")
+    for _ in range(300):
+        scheduler.optimizer.step()
+        scheduler.step()
+    assert scheduler.optimizer.param_groups[0]["lr"] == pytest.approx(last_lr)
