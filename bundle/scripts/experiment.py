@@ -1,21 +1,30 @@
-"""Run a protocol matrix of bundle trainings (arms x seeds), evaluate every run and write a report.
+"""Run a protocol table of bundle trainings (arms x seeds) on frozen code, evaluate every run and write a report.
+
+The protocol (``protocol.json`` in the output folder) is written before the first run: the arms and their
+overrides, the seeds, the budget (iterations, validation interval, learning-rate policy, strides), the endpoint
+and the code. Every run of the table trains from one frozen copy of the code (``<output_dir>/code``, a
+``git archive`` of the working tree at the first call), so arms and seeds added later run the same code. The
+endpoint ``final`` compares the models at the last iteration (``--model_selection final``); ``best`` selects each
+model on the validation cases, which are then the reported cases (the report says so).
 
 Examples::
 
-    # four arms x two seeds on LA-half, seed-major; rerun the same command after a kill to continue
-    python bundle/scripts/experiment.py run --dataset_dir /work/data/la_half_nii --output_dir /work/runs/x \\
-        --arms "['sup','bn_control','mcf','full']" --seeds "[1337,2024]" --max_iterations 300 --val_interval 100 \\
+    # supervised-only against the default, six seeds; rerun the same command after a kill to continue
+    python bundle/scripts/experiment.py run --dataset_dir <la_half_nii> --output_dir <runs>/default_vs_sup \\
+        --arms "['sup','full']" --seeds "[1,2,3,4,5,6]" --max_iterations 300 --val_interval 100 \\
         --extra="--num_workers 1"
 
-    # an arm of your own (merged into ARMS)
+    # the same table with two more seeds, later (same code, arms and budget)
+    python bundle/scripts/experiment.py add_seeds --output_dir <runs>/default_vs_sup --seeds "[7,8]"
+
+    # an arm of your own: override arguments, or {'configs': [overlay files], 'args': [...]}
     python bundle/scripts/experiment.py run ... --arms "['sup','no_reg']" --custom "{'no_reg': ['--lambda_reg', '0']}"
 
     # (re)write report.md, report.csv and curves.png from whatever runs are finished (experiment_report.py)
-    python bundle/scripts/experiment.py report --output_dir /work/runs/x --baseline sup
+    python bundle/scripts/experiment.py report --output_dir <runs>/default_vs_sup
 
 ``<output_dir>/<arm>_s<seed>/`` is the run's ``bundle_root`` (``models/``, ``ckpt/``, ``train.log``, ``eval.log``,
-``eval/`` with MetricsSaver's CSVs, ``run.json``, ``timing.json``, markers ``done_train`` / ``done_eval``);
-``<output_dir>/matrix.json`` keeps the planned arms and seeds, so that the report names the runs still missing.
+``eval/`` with MetricsSaver's CSVs, ``run.json``, ``timing.json``, markers ``done_train`` / ``done_eval``).
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Sequence
 from datetime import datetime
@@ -38,30 +48,43 @@ if _HERE not in sys.path:  # the report module next to this script, however this
 import experiment_report  # noqa: E402
 from experiment_report import METRICS, MODELS, parse_validation_log, read_raw_csv  # noqa: E402
 
-__all__ = ["ARMS", "MODELS", "METRICS", "main", "run", "report", "train_command", "eval_command", "read_raw_csv",
-           "parse_validation_log"]
+__all__ = ["ARMS", "MODELS", "METRICS", "PROTOCOL_FILE", "main", "run", "add_seeds", "report", "freeze_code",
+           "train_command", "eval_command", "read_raw_csv", "parse_validation_log"]  # fmt: skip
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO_ROOT = os.path.dirname(os.path.dirname(_HERE))
+PROTOCOL_FILE = "protocol.json"
 TRAIN_CONFIGS = ["bundle/configs/train.yaml", "bundle/configs/la.yaml", "bundle/configs/la_half.yaml"]
-EVAL_CONFIGS = [*TRAIN_CONFIGS, "bundle/configs/evaluate.yaml"]
-ARMS: dict[str, list[str]] = {
+EVAL_CONFIG = "bundle/configs/evaluate.yaml"
+FROZEN_PATHS = ("multicure_monai", "bundle/configs", "bundle/scripts", "setup.cfg", "pyproject.toml")
+ENDPOINTS = ("final", "best")
+ARMS: dict[str, Any] = {
     "sup": ["--supervised_only", "True"],  # both nets on labelled crops only
     "bn_control": ["--lambda_u", "0", "--lambda_c", "0"],  # unlabelled crops in the batch, no unsupervised loss
     # MCF-style two-net baseline: no MultiCURE, no contrastive loss, the better net of each iteration teaches
     "mcf": ["--use_multicure", "False", "--use_contrastive", "False", "--teacher", "better"],
     "full": [],  # the full method, bundle defaults
-    "band": ["--contrastive_anchors", "band"],  # eq. 5 anchored on the labelled boundary band (the default since v0.7)
-    "labelled": ["--contrastive_anchors", "labelled"],  # eq. 5 on the uncertain labelled voxels (the v0.6 default)
-    "authors": ["--multicure_form", "authors"],  # the authors' released MultiCURE block
+    "labelled": ["--contrastive_anchors", "labelled"],  # eq. 5 on the uncertain labelled voxels
     "level1": ["--multicure_level", "1"],  # the block on the half-resolution decoder stage (the paper's place)
-    # the full method with the paper's reading of every switch (bundle/docs/README.md, "Method switches")
-    "paper": ["--teacher", "predictive", "--reg_normalization", "xor", "--reg_confidence_threshold", "None",
-              "--rampup_iterations", "@max_iterations", "--contrastive_anchors", "all"],  # fmt: skip
+    "paper": {"configs": ["bundle/configs/paper.yaml"], "args": []},  # the paper's reading of every switch
 }
+
+
+def _arm(spec: Any) -> dict[str, list[str]]:
+    """An arm as ``{"configs": [overlay files], "args": [override arguments]}`` (a plain list is the args)."""
+    if isinstance(spec, dict):
+        return {"configs": [str(c) for c in spec.get("configs", [])], "args": [str(a) for a in spec.get("args", [])]}
+    return {"configs": [], "args": [str(a) for a in spec]}
 
 
 def _bracket(values: Any, quote: bool = False) -> str:
     return values if isinstance(values, str) else "[" + ",".join(f"'{v}'" if quote else str(v) for v in values) + "]"
+
+
+def _list(values: Any, kind: type = str) -> list:
+    """A list from a list, a tuple, one value or a comma-separated string (fire passes any of them)."""
+    if isinstance(values, (list, tuple)):
+        return [kind(v) for v in values]
+    return [kind(v.strip()) for v in str(values).strip("[]()").split(",") if v.strip()]
 
 
 def _bundle(run_id: str, configs: list[str], run_dir: str, dataset_dir: str, *args: str) -> list[str]:
@@ -69,78 +92,157 @@ def _bundle(run_id: str, configs: list[str], run_dir: str, dataset_dir: str, *ar
             "--dataset_dir", dataset_dir, "--bundle_root", run_dir, *args]  # fmt: skip
 
 
-def train_command(run_dir: str, dataset_dir: str, seed: int, max_iterations: int, val_interval: int,
-                  arm_args: Sequence[str] = (), stride: Any = (18, 18, 4),
-                  extra: Sequence[str] = ()) -> list[str]:  # fmt: skip
+def train_command(run_dir: str, dataset_dir: str, seed: int, protocol: dict, arm: Any = ()) -> list[str]:
     """The ``python -m monai.bundle run training`` command line of one run (``--resume auto``)."""
-    return _bundle("training", TRAIN_CONFIGS, run_dir, dataset_dir, "--seed", str(seed), "--max_iterations",
-                   str(max_iterations), "--val_interval", str(val_interval), "--sw_stride", _bracket(stride),
-                   "--resume", "auto", *arm_args, *extra)  # fmt: skip
+    arm, budget = _arm(arm), protocol["budget"]
+    return _bundle("training", [*TRAIN_CONFIGS, *arm["configs"]], run_dir, dataset_dir, "--seed", str(seed),
+                   "--max_iterations", str(budget["max_iterations"]), "--val_interval", str(budget["val_interval"]),
+                   "--lr_policy", budget["lr_policy"], "--model_selection", protocol["endpoint"],
+                   "--sw_stride", _bracket(budget["train_stride"]), "--resume", "auto", *arm["args"],
+                   *protocol["extra"])  # fmt: skip
 
 
-def eval_command(run_dir: str, dataset_dir: str, arm_args: Sequence[str] = (), stride: Any = (9, 9, 2),
-                 extra: Sequence[str] = ()) -> list[str]:  # fmt: skip
+def eval_command(run_dir: str, dataset_dir: str, protocol: dict, arm: Any = ()) -> list[str]:
     """The ``python -m monai.bundle run evaluating`` command line of one run; CSVs go to ``<run_dir>/eval``."""
-    return _bundle("evaluating", EVAL_CONFIGS, run_dir, dataset_dir, "--output_dir", os.path.join(run_dir, "eval"),
-                   "--sw_stride", _bracket(stride), *arm_args, *extra)  # fmt: skip
+    arm = _arm(arm)
+    return _bundle("evaluating", [*TRAIN_CONFIGS, *arm["configs"], EVAL_CONFIG], run_dir, dataset_dir,
+                   "--output_dir", os.path.join(run_dir, "eval"), "--sw_stride",
+                   _bracket(protocol["budget"]["eval_stride"]), *arm["args"], *protocol["extra"])  # fmt: skip
 
 
-def run(dataset_dir: str, output_dir: str, arms: Any = ("sup", "bn_control", "mcf", "full"), seeds: Any = (1337,),
-        max_iterations: int = 300, val_interval: int = 100, train_stride: Any = (18, 18, 4),
-        eval_stride: Any = (9, 9, 2), extra: Any = "", custom: dict | None = None,
-        baseline: str = "sup") -> str:  # fmt: skip
-    """Train and evaluate every (seed, arm) run, seed-major, then write the report; returns the report path.
+def freeze_code(dest: str, repo_root: str = REPO_ROOT) -> dict[str, Any]:
+    """Copy the code that trains (:data:`FROZEN_PATHS` of the working tree, uncommitted edits included) to ``dest``.
+
+    ``git stash create`` names the working tree's tracked state without touching it (``HEAD`` when clean), and
+    ``git archive`` writes that tree, so every run of a table trains the same code whatever happens to the
+    checkout later. Untracked files are not copied.
+
+    Returns:
+        ``{"commit": HEAD, "tree": the archived commit, "dirty": bool, "dir": dest}``.
+    """
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", repo_root, *args], capture_output=True, text=True, check=True).stdout.strip()
+
+    head = git("rev-parse", "HEAD")
+    tree = git("stash", "create") or head
+    os.makedirs(dest, exist_ok=True)
+    archive = os.path.join(dest, ".code.tar")
+    paths = [p for p in FROZEN_PATHS if os.path.exists(os.path.join(repo_root, p))]
+    subprocess.run(["git", "-C", repo_root, "archive", "--format=tar", "-o", archive, tree, *paths], check=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(dest, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+    os.remove(archive)
+    return {"commit": head, "tree": tree, "dirty": tree != head, "dir": dest}
+
+
+def _protocol(output_dir: str, dataset_dir: str, budget: dict, endpoint: str, extra: list[str], baseline: str,
+              code: str) -> dict:  # fmt: skip
+    """The table's protocol: read from ``protocol.json``, or frozen and written there on the first call."""
+    path = os.path.join(output_dir, PROTOCOL_FILE)
+    if (protocol := _read_json(path)) is not None:
+        mine = {"budget": protocol["budget"], "endpoint": protocol["endpoint"], "extra": protocol["extra"]}
+        asked = {"budget": budget, "endpoint": endpoint, "extra": extra}
+        if mine != asked:
+            raise ValueError(f"{path} fixes {mine}; this call asks for {asked}. Every arm and seed of a table runs "
+                             "the same budget: use another --output_dir for another protocol.")  # fmt: skip
+        return protocol
+    if endpoint not in ENDPOINTS:
+        raise ValueError(f"endpoint must be one of {list(ENDPOINTS)}, got {endpoint!r}.")
+    frozen = (freeze_code(os.path.join(output_dir, "code")) if code == "freeze"
+              else {"commit": None, "tree": None, "dirty": None, "dir": os.path.abspath(code)})  # fmt: skip
+    return {"created": datetime.now().isoformat(timespec="seconds"), "dataset_dir": dataset_dir, "budget": budget,
+            "endpoint": endpoint, "extra": extra, "baseline": baseline, "code": frozen, "arms": {}, "seeds": [],
+            "history": []}  # fmt: skip
+
+
+def run(dataset_dir: str, output_dir: str, arms: Any = ("sup", "full"), seeds: Any = (1337,),
+        max_iterations: int = 300, val_interval: int = 100, lr_policy: str = "poly", endpoint: str = "final",
+        train_stride: Any = (18, 18, 4), eval_stride: Any = (9, 9, 2), extra: Any = "", custom: dict | None = None,
+        baseline: str = "sup", code: str = "freeze") -> str:  # fmt: skip
+    """Write the protocol, then train and evaluate every (seed, arm) run, seed-major; returns the report path.
 
     Args:
         dataset_dir: folder with ``datalist.json`` (``--dataset_dir`` of the bundle).
-        output_dir: one sub-folder ``<arm>_s<seed>`` per run, plus the report.
+        output_dir: the protocol, the frozen code, one sub-folder ``<arm>_s<seed>`` per run, and the report.
         arms: names in :data:`ARMS` (or in ``custom``), a list or a comma-separated string.
         seeds: training seeds, a list or one int.
         max_iterations: ``--max_iterations`` of every training.
         val_interval: ``--val_interval`` (validation, checkpoints and the x axis of the curves).
+        lr_policy: ``--lr_policy``: ``poly`` anneals the learning rate to zero by ``max_iterations``.
+        endpoint: ``final`` (the model at the last iteration) or ``best`` (selected on the validation cases).
         train_stride: ``--sw_stride`` of the validation during training.
         eval_stride: ``--sw_stride`` of the final evaluation.
         extra: further bundle overrides for training and evaluation, e.g. ``"--num_workers 1"``.
-        custom: extra arms ``{name: [override args]}``, merged into :data:`ARMS`.
-        baseline: the arm the others are tested against in the report.
+        custom: extra arms ``{name: [override args] | {"configs": [...], "args": [...]}}``.
+        baseline: the arm the others are compared with in the report.
+        code: ``freeze`` (copy the working tree into ``<output_dir>/code`` on the first call) or a folder holding
+            the code to run as is.
 
     A run with ``done_train`` skips training (otherwise ``--resume auto`` continues its checkpoint), one with
-    ``done_eval`` skips evaluation. A failing subprocess is reported with its log tail and the matrix goes on.
+    ``done_eval`` skips evaluation. A failing subprocess is reported with its log tail and the table goes on.
     """
-    table = {**ARMS, **{str(k): [str(a) for a in v] for k, v in (custom or {}).items()}}
-    arms = [a.strip() for a in arms.split(",")] if isinstance(arms, str) else [str(a) for a in arms]
-    seeds = [int(s) for s in (str(seeds).split(",") if isinstance(seeds, (int, str)) else seeds)]
+    table = {**ARMS, **{str(k): v for k, v in (custom or {}).items()}}
+    arms, seeds = _list(arms), _list(seeds, int)
     unknown = [a for a in arms if a not in table]
     if unknown:
         raise ValueError(f"unknown arms {unknown}; known: {sorted(table)} (add others with --custom)")
     extra = shlex.split(extra) if isinstance(extra, str) else [str(e) for e in extra]
+    budget = {"max_iterations": int(max_iterations), "val_interval": int(val_interval), "lr_policy": lr_policy,
+              "train_stride": _list(train_stride, int), "eval_stride": _list(eval_stride, int)}  # fmt: skip
     output_dir, dataset_dir = os.path.abspath(output_dir), os.path.abspath(dataset_dir)
     os.makedirs(output_dir, exist_ok=True)
-    matrix = _read_json(os.path.join(output_dir, "matrix.json")) or {}
-    matrix["arms"] = {**matrix.get("arms", {}), **{a: table[a] for a in arms}}
-    matrix["seeds"] = list(dict.fromkeys([*matrix.get("seeds", []), *seeds]))
-    matrix.update(val_interval=val_interval, max_iterations=max_iterations, dataset_dir=dataset_dir)
-    _write_json(os.path.join(output_dir, "matrix.json"), matrix)
+    protocol = _protocol(output_dir, dataset_dir, budget, endpoint, extra, baseline, code)
+    new_arms = {a: _arm(table[a]) for a in arms if a not in protocol["arms"]}
+    new_seeds = [s for s in seeds if s not in protocol["seeds"]]
+    if new_arms or new_seeds or not protocol["history"]:  # written before the runs it adds
+        protocol["arms"].update(new_arms)
+        protocol["seeds"] += new_seeds
+        protocol["history"].append({"date": datetime.now().isoformat(timespec="seconds"), "arms": list(new_arms),
+                                    "seeds": new_seeds, "command": shlex.join(sys.argv)})  # fmt: skip
+        _write_json(os.path.join(output_dir, PROTOCOL_FILE), protocol)
+    return _run_table(output_dir, protocol, arms, seeds)
+
+
+def add_seeds(output_dir: str, seeds: Any) -> str:
+    """Continue a table with more seeds: every arm of its protocol, the same frozen code and budget.
+
+    Args:
+        output_dir: the ``output_dir`` of an earlier :func:`run`.
+        seeds: the seeds to add, a list or one int.
+
+    Returns:
+        The path of the report.
+    """
+    output_dir = os.path.abspath(output_dir)
+    protocol = _read_json(os.path.join(output_dir, PROTOCOL_FILE))
+    if protocol is None:
+        raise ValueError(f"{output_dir} has no {PROTOCOL_FILE}: start the table with `experiment.py run`.")
+    return run(protocol["dataset_dir"], output_dir, arms=list(protocol["arms"]), seeds=_list(seeds, int),
+               endpoint=protocol["endpoint"], extra=protocol["extra"], custom=protocol["arms"],
+               baseline=protocol["baseline"], code=protocol["code"]["dir"], **protocol["budget"])  # fmt: skip
+
+
+def _run_table(output_dir: str, protocol: dict, arms: list[str], seeds: list[int]) -> str:
     plan = [(seed, arm) for seed in seeds for arm in arms]
-    failed = []
+    code_dir, failed = protocol["code"]["dir"], []
     for i, (seed, arm) in enumerate(plan, 1):
         run_dir = os.path.join(output_dir, f"{arm}_s{seed}")
-        cmds = {"train": train_command(run_dir, dataset_dir, seed, max_iterations, val_interval, table[arm],
-                                       train_stride, extra),
-                "eval": eval_command(run_dir, dataset_dir, table[arm], eval_stride, extra)}  # fmt: skip
-        if not _run_one(run_dir, cmds, f"[{i}/{len(plan)}] {arm} seed {seed}",
-                        {"arm": arm, "seed": seed, "arm_args": table[arm], "val_interval": val_interval}):  # fmt: skip
+        spec, data = protocol["arms"][arm], protocol["dataset_dir"]
+        cmds = {"train": train_command(run_dir, data, seed, protocol, spec),
+                "eval": eval_command(run_dir, data, protocol, spec)}  # fmt: skip
+        info = {"arm": arm, "seed": seed, "arm_spec": spec, "val_interval": protocol["budget"]["val_interval"]}
+        if not _run_one(run_dir, cmds, f"[{i}/{len(plan)}] {arm} seed {seed}", info, code_dir):
             failed.append(f"{arm}_s{seed}")
     if failed:
         print(f"failed runs: {failed}", file=sys.stderr)
-    return report(output_dir, baseline)
+    return report(output_dir, protocol["baseline"])
 
 
-def _run_one(run_dir: str, cmds: dict[str, list[str]], tag: str, info: dict) -> bool:
+def _run_one(run_dir: str, cmds: dict[str, list[str]], tag: str, info: dict, code_dir: str) -> bool:
     os.makedirs(run_dir, exist_ok=True)
     if not os.path.exists(os.path.join(run_dir, "done_train")):  # what the (resumed) training runs with
         commands = {f"{step}_command": shlex.join(cmd) for step, cmd in cmds.items()}
-        _write_json(os.path.join(run_dir, "run.json"), {**info, **commands})
+        _write_json(os.path.join(run_dir, "run.json"), {**info, **commands, "cwd": code_dir})
     timing_path = os.path.join(run_dir, "timing.json")
     for step, cmd in cmds.items():
         if os.path.exists(os.path.join(run_dir, f"done_{step}")):
@@ -149,7 +251,7 @@ def _run_one(run_dir: str, cmds: dict[str, list[str]], tag: str, info: dict) -> 
         print(f"{tag}: {step} ...", flush=True)
         log = os.path.join(run_dir, f"{step}.log")
         start = time.perf_counter()
-        rc = _execute(cmd, log)
+        rc = _execute(cmd, log, code_dir)
         seconds = time.perf_counter() - start
         timing = _read_json(timing_path) or {}
         # a resumed training continues: its wall time adds up; a repeated evaluation starts again
@@ -165,13 +267,14 @@ def _run_one(run_dir: str, cmds: dict[str, list[str]], tag: str, info: dict) -> 
     return True
 
 
-def _execute(cmd: list[str], log_path: str) -> int:
-    """Run ``cmd`` from the repository root, stdout and stderr appended to ``log_path``; returns the exit code."""
+def _execute(cmd: list[str], log_path: str, code_dir: str) -> int:
+    """Run ``cmd`` in ``code_dir`` with its package first on the path, output appended to ``log_path``."""
     with open(log_path, "a") as log:
         log.write(f"\n=== {datetime.now().isoformat(timespec='seconds')}: {shlex.join(cmd)}\n")
         log.flush()
-        env = dict(os.environ, PYTHONUNBUFFERED="1")  # the log follows the run live
-        return subprocess.run(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
+        path = os.pathsep.join(p for p in (code_dir, os.environ.get("PYTHONPATH")) if p)
+        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=path)  # the log follows the run live
+        return subprocess.run(cmd, cwd=code_dir, env=env, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
 
 
 def _tail(path: str, lines: int = 25) -> str:
@@ -181,19 +284,17 @@ def _tail(path: str, lines: int = 25) -> str:
     return "\n".join([ln for ln in text.splitlines() if ln.strip()][-lines:])
 
 
-def report(output_dir: str, baseline: str = "sup") -> str:
-    """Write ``report.md``, ``report.csv`` and ``curves.png`` into ``output_dir`` from its finished runs.
-
-    :func:`experiment_report.report` with :data:`ARMS` as the known arms.
+def report(output_dir: str, baseline: str | None = None) -> str:
+    """Write ``report.md``, ``report.csv`` and ``curves.png`` into ``output_dir`` (:func:`experiment_report.report`).
 
     Args:
         output_dir: the ``output_dir`` of :func:`run`.
-        baseline: the arm every other arm is tested against (paired Wilcoxon over the same cases and seed).
+        baseline: the arm the others are compared with; ``None`` takes the protocol's.
 
     Returns:
         The path of ``report.md``.
     """
-    return experiment_report.report(output_dir, baseline, known_arms=ARMS)
+    return experiment_report.report(output_dir, baseline)
 
 
 def _read_json(path: str) -> dict | None:
@@ -201,9 +302,9 @@ def _read_json(path: str) -> dict | None:
 
 
 def _write_json(path: str, data: dict) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(path + ".tmp", path)  # a kill never leaves half a file
+    from multicure_monai.engines.checkpoint_saver import atomic_write
+
+    atomic_write(path, lambda f: f.write(json.dumps(data, indent=2).encode()))  # a kill never leaves half a file
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -218,7 +319,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             args.append(arg)
     # `kill <pid>` ends the running training too (subprocess.run kills its child on SystemExit); it resumes later
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    fire.Fire({"run": run, "report": report}, command=args)
+    fire.Fire({"run": run, "add_seeds": add_seeds, "report": report}, command=args)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,16 @@
 """Write the report of a protocol matrix run by ``experiment.py``: ``report.md``, ``report.csv`` and ``curves.png``.
 
 It reads what every ``<arm>_s<seed>`` run folder holds (MetricsSaver's per-case CSVs under ``eval/``, the validation
-lines of ``train.log``, ``timing.json``, the ``done_*`` markers) and ``matrix.json``, so the report can be (re)written
-at any time from whatever runs are finished, apart from the runner that trains them, and names the runs still missing.
+and ``diag_grad_*`` lines of ``train.log``, ``timing.json``, the ``done_*`` markers) and ``protocol.json``, so the
+report can be (re)written at any time from whatever runs are finished, and names the runs still missing.
+
+The seed is the unit of training randomness: the headline is each arm's mean per-seed paired difference against the
+baseline (same seed, same cases) with its 95% t interval over the seeds. Case-level Wilcoxon tests within one seed
+are secondary; cases of different seeds are never pooled into one test (pseudo-replication).
 
 Example::
 
-    python bundle/scripts/experiment_report.py --output_dir /work/runs/x --baseline sup
+    python bundle/scripts/experiment_report.py --output_dir <runs>/default_vs_sup
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import re
 import shlex
 import sys
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from importlib import metadata
 from typing import Any
@@ -34,7 +38,8 @@ LABELS = {"dice": "Dice", "jaccard": "Jaccard", "hd95": "95HD", "asd": "ASD"}
 HIGHER_IS_BETTER = {"dice": True, "jaccard": True, "hd95": False, "asd": False}
 TESTED = ("dice", "hd95")  # metrics with a paired test against the baseline
 CSV_FIELDS = ["arm", "seed", "model", "metric", "mean", "std", "n", "n_nonfinite", "delta_vs_baseline", "p_value",
-              "wins", "n_pairs"]  # fmt: skip
+              "wins", "n_pairs", "ci_low", "ci_high"]  # fmt: skip
+_GRAD = re.compile(r"(diag_grad_[A-Za-z0-9_]+): ([-+]?(?:nan|inf|\d+(?:\.\d*)?(?:[eE][-+]?\d+)?))", re.IGNORECASE)
 
 
 def read_raw_csv(path: str) -> dict[str, float]:
@@ -90,20 +95,27 @@ def parse_validation_log(text: str) -> dict[int, dict[str, float]]:
     return out
 
 
-def _load_run(run_dir: str, val_interval: int | None) -> tuple[dict, dict, dict, str]:
-    """(values {model: {metric: {case: v}}}, curves {model: [(iteration, dice)]}, timing, missing reason or "")."""
+def _load_run(run_dir: str, val_interval: int | None) -> tuple[dict, dict, dict, dict, str]:
+    """(values {model: {metric: {case: v}}}, curves {model: [(iteration, dice)]}, timing, mean diag_grad_* values,
+    missing reason or "")."""
     info = _read_json(os.path.join(run_dir, "run.json")) or {}
     timing = _read_json(os.path.join(run_dir, "timing.json")) or {}
     interval = info.get("val_interval", val_interval) or 1
     curves: dict[str, list] = {}
+    grads: dict[str, float] = {}
     if os.path.exists(log := os.path.join(run_dir, "train.log")):
         with open(log, errors="replace") as f:
-            epochs = parse_validation_log(f.read())
+            text = f.read()
+        epochs = parse_validation_log(text)
         for model, prefix in MODELS.items():
             name = prefix + "mean_dice"
             points = [(epoch * interval, v[name]) for epoch, v in sorted(epochs.items()) if name in v]
             if points:
                 curves[model] = points
+        seen: dict[str, list[float]] = {}
+        for name, value in _GRAD.findall(_ANSI.sub("", text)):
+            seen.setdefault(name, []).append(float(value))
+        grads = {k: float(np.nanmean(v)) for k, v in seen.items()}
     values: dict[str, dict] = {}
     for model, prefix in MODELS.items():
         for key, name in METRICS.items():
@@ -111,13 +123,13 @@ def _load_run(run_dir: str, val_interval: int | None) -> tuple[dict, dict, dict,
                 values.setdefault(model, {})[key] = read_raw_csv(path)
     done = {m: os.path.exists(os.path.join(run_dir, f"done_{m}")) for m in ("train", "eval")}
     if "dice" in values.get("ensemble", {}) and done["eval"]:
-        return values, curves, timing, ""
+        return values, curves, timing, grads, ""
     step, name = ("train", "training") if not done["train"] else ("eval", "evaluation")
     if not os.path.isdir(run_dir):
-        return {}, curves, timing, "not started"
+        return {}, curves, timing, grads, "not started"
     rc = timing.get(step + "_rc")
-    return {}, curves, timing, (f"{name} failed (exit {rc})" if rc else "no evaluation CSVs" if done["eval"]
-                                else f"{name} not finished")  # fmt: skip
+    return {}, curves, timing, grads, (f"{name} failed (exit {rc})" if rc else "no evaluation CSVs" if done["eval"]
+                                       else f"{name} not finished")  # fmt: skip
 
 
 def _summary(values: Sequence[float], ddof: int) -> tuple[float, float, int, int]:
@@ -147,12 +159,30 @@ def _paired(a: np.ndarray, b: np.ndarray, higher_is_better: bool) -> tuple[float
     return delta, p, wins, int(valid.sum())
 
 
+def _over_seeds(deltas: Sequence[float], higher_is_better: bool) -> dict:
+    """Mean of the per-seed paired differences, its 95% t interval and one-sample t-test p (n >= 2), seeds better."""
+    from scipy import stats
+
+    d = np.asarray([x for x in deltas if np.isfinite(x)], dtype=float)
+    out = {"delta_vs_baseline": float(d.mean()) if d.size else float("nan"), "n_pairs": int(d.size),
+           "wins": int(np.sum(d > 0) if higher_is_better else np.sum(d < 0))}  # fmt: skip
+    if d.size >= 2:
+        half = float(stats.t.ppf(0.975, d.size - 1) * d.std(ddof=1) / np.sqrt(d.size))
+        out.update(ci_low=out["delta_vs_baseline"] - half, ci_high=out["delta_vs_baseline"] + half)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # identical differences: scipy warns, p is nan
+            out["p_value"] = float(stats.ttest_1samp(d, 0.0).pvalue)
+    return out
+
+
 def _stats(arms: list[str], seeds: list[int], values: dict, baseline: str) -> list[dict]:
+    """Per seed: the case summary and the case-level test against the baseline's run of the same seed; over the
+    seeds (``seed == "all"``): the mean and std of the per-seed means and the seed-level paired statistics."""
     rows = []
     for arm in arms:
         for model in MODELS:
             for key in METRICS:
-                per_seed, pooled = [], ([], [])
+                per_seed = []
                 for seed in seeds:
                     x = values.get((arm, seed), {}).get(model, {}).get(key)
                     if x is None:
@@ -162,18 +192,16 @@ def _stats(arms: list[str], seeds: list[int], values: dict, baseline: str) -> li
                     if key in TESTED and arm != baseline and y is not None:
                         cases = [c for c in x if c in y]
                         a, b = np.array([x[c] for c in cases], float), np.array([y[c] for c in cases], float)
-                        row.update(zip(CSV_FIELDS[8:], _paired(a, b, HIGHER_IS_BETTER[key])))
-                        pooled[0].append(a)
-                        pooled[1].append(b)
+                        row.update(zip(CSV_FIELDS[8:12], _paired(a, b, HIGHER_IS_BETTER[key])))
                     per_seed.append(row)
                 if not per_seed:
                     continue
                 mean, std, n, _ = _summary([r["mean"] for r in per_seed], ddof=1)
                 row = dict(arm=arm, seed="all", model=model, metric=key, mean=mean, std=std, n=n,
                            n_nonfinite=sum(r["n_nonfinite"] for r in per_seed))  # fmt: skip
-                if pooled[0]:
-                    row.update(zip(CSV_FIELDS[8:], _paired(np.concatenate(pooled[0]), np.concatenate(pooled[1]),
-                                                           HIGHER_IS_BETTER[key])))  # fmt: skip
+                deltas = [r["delta_vs_baseline"] for r in per_seed if "delta_vs_baseline" in r]
+                if deltas:
+                    row.update(_over_seeds(deltas, HIGHER_IS_BETTER[key]))
                 rows += [*per_seed, row]
     return rows
 
@@ -232,33 +260,57 @@ def _p(p: float | None) -> str:
     return "–" if p is None or np.isnan(p) else f"{p:.3g}"
 
 
-def report(output_dir: str, baseline: str = "sup", known_arms: Mapping[str, Sequence[str]] | None = None) -> str:
+def _ci(row: dict | None, digits: int) -> str:
+    """``+d [lo, hi]`` of a seed-level row (the interval needs two seeds)."""
+    if not row or "delta_vs_baseline" not in row:
+        return "–"
+    text = _f(row["delta_vs_baseline"], digits, True)
+    return text + (f" [{_f(row['ci_low'], digits, True)}, {_f(row['ci_high'], digits, True)}]" if "ci_low" in row
+                   else " (1 seed)")  # fmt: skip
+
+
+def _protocol_lines(protocol: dict, baseline: str) -> list[str]:
+    budget, code = protocol.get("budget", {}), protocol.get("code", {})
+    endpoint = protocol.get("endpoint", "best")
+    ends = {"final": "the model at the last iteration (`--model_selection final`): nothing is selected on the "
+                     "reported cases",
+            "best": "the best validation Dice: **selected on the reported cases** (optimistic for every arm)"}
+    lines = [f"- endpoint: {ends.get(endpoint, endpoint)}"]
+    if budget:
+        lines.append("- budget: " + ", ".join(f"{k} {v}" for k, v in budget.items()))
+    if code.get("tree"):
+        lines.append(f"- code: frozen at `{code['tree']}` (HEAD `{code['commit']}`{', with uncommitted edits' if code['dirty'] else ''})")
+    if protocol.get("extra"):
+        lines.append(f"- extra overrides: `{shlex.join(protocol['extra'])}`")
+    lines += [f"- protocol written {h['date']}: arms {h['arms']}, seeds {h['seeds']}" for h in protocol.get("history", [])]
+    return lines
+
+
+def report(output_dir: str, baseline: str | None = None) -> str:
     """Write ``report.md``, ``report.csv`` and ``curves.png`` into ``output_dir`` from its finished runs.
 
     Args:
         output_dir: the ``output_dir`` of ``experiment.py run``.
-        baseline: the arm every other arm is tested against (paired Wilcoxon over the same cases and seed).
-        known_arms: ``{arm: override args}`` that orders the arms found on disk but not in ``matrix.json`` and
-            describes the arms ``matrix.json`` lacks; ``None`` takes ``experiment.ARMS``.
+        baseline: the arm every other arm is compared with; ``None`` takes the protocol's (else ``sup``).
 
     Returns:
         The path of ``report.md``.
     """
-    if known_arms is None:
-        known_arms = _runner_arms()
     output_dir = os.path.abspath(output_dir)
-    matrix = _read_json(os.path.join(output_dir, "matrix.json")) or {}
+    protocol = _read_json(os.path.join(output_dir, "protocol.json")) or _read_json(
+        os.path.join(output_dir, "matrix.json")) or {}  # fmt: skip
+    baseline = baseline or protocol.get("baseline", "sup")
+    known = protocol.get("arms", {})
     found = [m for d in sorted(os.listdir(output_dir)) if (m := re.fullmatch(r"(.+)_s(-?\d+)", d))
              and os.path.isdir(os.path.join(output_dir, d))]  # fmt: skip
-    planned = [*matrix.get("arms", {}), *(a for a in known_arms if a in {m[1] for m in found})]
-    arms = list(dict.fromkeys([*planned, *sorted(m[1] for m in found)]))
-    seeds = list(dict.fromkeys([*matrix.get("seeds", []), *sorted(int(m[2]) for m in found)]))
-    values, curves, timings, missing = {}, {}, {}, {}
+    arms = list(dict.fromkeys([*known, *sorted(m[1] for m in found)]))
+    seeds = list(dict.fromkeys([*protocol.get("seeds", []), *sorted(int(m[2]) for m in found)]))
+    values, curves, timings, grads, missing = {}, {}, {}, {}, {}
     for seed in seeds:
         for arm in arms:
             run_dir = os.path.join(output_dir, f"{arm}_s{seed}")
-            vals, curve, timings[(arm, seed)], reason = _load_run(run_dir, matrix.get("val_interval"))
-            values[(arm, seed)], curves[(arm, seed)] = vals, curve
+            loaded = _load_run(run_dir, protocol.get("budget", protocol).get("val_interval"))
+            values[(arm, seed)], curves[(arm, seed)], timings[(arm, seed)], grads[(arm, seed)], reason = loaded
             if reason:
                 missing[(arm, seed)] = reason
     rows = _stats(arms, seeds, values, baseline)
@@ -272,46 +324,60 @@ def report(output_dir: str, baseline: str = "sup", known_arms: Mapping[str, Sequ
         torch_version = metadata.version("torch")
     except metadata.PackageNotFoundError:
         torch_version = "not installed"
-    md = [f"# Protocol matrix: {', '.join(arms)} x seeds {', '.join(map(str, seeds))}", "",
+    md = [f"# Protocol table: {', '.join(arms)} x seeds {', '.join(map(str, seeds))}", "",
           f"- command: `{shlex.join(sys.argv)}`", f"- date: {datetime.now().isoformat(timespec='seconds')}",
-          f"- machine: {platform.processor() or '?'} / {platform.node()}, {os.cpu_count()} CPUs, torch {torch_version}",
-          f"- baseline: `{baseline}`; arms: " + "; ".join(
-              f"`{a}` {matrix.get('arms', known_arms).get(a, known_arms.get(a, '?'))}" for a in arms), "",
-          "Test metrics are per-case means over the foreground classes; `mean ± std` over cases per seed (std ddof 0, "
-          "as MetricsSaver's summary), over seeds the mean ± std (ddof 1) of the per-seed means. Non-finite cases "
-          "(a model predicting nothing) are kept in the CSVs and left out of means, Δ and p (wins count an infinite "
-          "distance as worse). Δ = mean paired "
-          f"difference vs `{baseline}` pooled over seeds, p = two-sided Wilcoxon signed-rank over those pairs, wins = "
-          "cases better than the baseline / pairs. Validation Dice during training: best / last / largest drop "
-          "from the best so far (collapse check), one value per seed.", ""]  # fmt: skip
-    head = ["arm", "model", *(f"Dice s{s}" for s in seeds), "Dice (seeds)", f"ΔDice vs {baseline}", "p", "wins",
-            "95HD", "ASD", "Jaccard", "train time", "val Dice best", "val Dice last", "max drop"]  # fmt: skip
+          f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch_version}",
+          f"- baseline: `{baseline}`; arms: " + "; ".join(f"`{a}` {known.get(a, '?')}" for a in arms),
+          *_protocol_lines(protocol, baseline), "",
+          f"## Headline: paired differences against `{baseline}`, the seed as the unit", "",
+          "Δ = the mean over seeds of (arm - baseline) per seed, each the mean paired difference over the same "
+          "cases; [95% t interval over the seeds]; p = one-sample t-test over the seeds; seeds better / seeds. "
+          "Non-finite cases (a model predicting nothing) are left out of the means.", ""]  # fmt: skip
+    head = ["arm", "model", "seeds", *(f"Δ{LABELS[k]} [95% CI]" for k in TESTED), "p (Dice)", "seeds better (Dice)",
+            "SD of per-seed ΔDice"]  # fmt: skip
+    md += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for arm in (a for a in arms if a != baseline):
+        for model in MODELS:
+            d = row.get((arm, "all", model, "dice"))
+            if not d or "delta_vs_baseline" not in d:
+                continue
+            per_seed = [row[(arm, s, model, "dice")]["delta_vs_baseline"] for s in seeds
+                        if "delta_vs_baseline" in row.get((arm, s, model, "dice"), {})]  # fmt: skip
+            sd = _f(float(np.std(per_seed, ddof=1)), 3) if len(per_seed) > 1 else "–"
+            cells = [arm, model, str(d["n_pairs"]), *(_ci(row.get((arm, "all", model, k)), 3 if k == "dice" else 2)
+                                                      for k in TESTED),
+                     _p(d.get("p_value")), f"{d['wins']}/{d['n_pairs']}", sd]  # fmt: skip
+            md.append("| " + " | ".join(cells) + " |")
+    md += ["", "## Per arm and net", "", "Test metrics are per-case means over the foreground classes; `mean ± std` "
+           "over cases per seed (std ddof 0, as MetricsSaver's summary), over seeds the mean ± std (ddof 1) of the "
+           "per-seed means. Validation Dice during training: best / last / largest drop from the best so far, one "
+           "value per seed.", ""]  # fmt: skip
+    head = ["arm", "model", *(f"Dice s{s}" for s in seeds), "Dice (seeds)", "95HD", "ASD", "Jaccard", "train time",
+            "val Dice best", "val Dice last", "max drop"]  # fmt: skip
     md += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for arm in arms:
         times = " / ".join(f"{timings[(arm, s)]['train_s'] / 60:.1f} min" if "train_s" in timings[(arm, s)] else "–"
                            for s in seeds)  # fmt: skip
         for model in MODELS:
-            dice = row.get((arm, "all", model, "dice"))
             coll = [_collapse(curves[(arm, s)][model]) if model in curves[(arm, s)] else None for s in seeds]
             cells = [arm, model]
             cells += ["missing" if (arm, s) in missing else _ms(row.get((arm, s, model, "dice")), 3) for s in seeds]
-            cells += [_ms(dice, 3), _f(dice and dice.get("delta_vs_baseline"), 3, True),
-                      _p(dice and dice.get("p_value")), f"{dice['wins']}/{dice['n_pairs']}" if dice and "wins" in dice
-                      else "–"]  # fmt: skip
-            cells += [_ms(row.get((arm, "all", model, k)), n) for k, n in (("hd95", 2), ("asd", 2), ("jaccard", 3))]
+            cells += [_ms(row.get((arm, "all", model, k)), n) for k, n in (("dice", 3), ("hd95", 2), ("asd", 2),
+                                                                          ("jaccard", 3))]  # fmt: skip
             cells += [times if model == "ensemble" else ""]
             cells += [" / ".join(_f(c[i]) if c else "–" for c in coll) for i in range(3)]
             md.append("| " + " | ".join(cells) + " |")
-    md += ["", f"## Paired tests vs `{baseline}` (Δ, Wilcoxon p, wins/pairs)", ""]
-    head = ["arm", "model", "metric", *(f"s{s}" for s in seeds), "pooled"]
+    md += ["", f"## Within each seed: case-level tests against `{baseline}` (secondary; Δ, Wilcoxon p, wins/cases)",
+           ""]  # fmt: skip
+    head = ["arm", "model", "metric", *(f"s{s}" for s in seeds)]
     md += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for arm in (a for a in arms if a != baseline):
         for model in MODELS:
             for key in TESTED:
-                digits = 3 if key == "dice" else 2
-                cells = [_test(row.get((arm, s, model, key)), digits) for s in [*seeds, "all"]]
+                cells = [_test(row.get((arm, s, model, key)), 3 if key == "dice" else 2) for s in seeds]
                 if any(c != "–" for c in cells):
                     md.append(f"| {arm} | {model} | {LABELS[key]} | " + " | ".join(cells) + " |")
+    md += _grad_table(arms, seeds, grads)
     md += ["", "## Runs", "", "| run | status | train | eval |", "|---|---|---|---|"]
     for seed in seeds:
         for arm in arms:
@@ -325,14 +391,20 @@ def report(output_dir: str, baseline: str = "sup", known_arms: Mapping[str, Sequ
     return path
 
 
-def _runner_arms() -> dict[str, list[str]]:
-    """``experiment.ARMS``, the runner's arm table, from the script next to this one (the standalone CLI)."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    if here not in sys.path:
-        sys.path.insert(0, here)
-    from experiment import ARMS
-
-    return ARMS
+def _grad_table(arms: list[str], seeds: list[int], grads: dict) -> list[str]:
+    """Mean ``diag_grad_<term>_<net>`` of each arm (gradient norm a weighted loss term sends into a net), over the
+    logged iterations and the seeds: which term steers which net, next to the net's own supervised term."""
+    names = sorted({k for g in grads.values() for k in g})
+    if not names:
+        return []
+    md = ["", "## Gradient norm of each weighted loss term into each net (mean over the logged iterations and seeds)",
+          "", "| arm | " + " | ".join(n.removeprefix("diag_grad_") for n in names) + " |",
+          "|" + "---|" * (len(names) + 1)]  # fmt: skip
+    for arm in arms:
+        means = [[grads[(arm, s)][n] for s in seeds if n in grads.get((arm, s), {})] for n in names]
+        if any(means):
+            md.append(f"| {arm} | " + " | ".join(_f(float(np.mean(m)), 3) if m else "–" for m in means) + " |")
+    return md
 
 
 def _read_json(path: str) -> dict | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +32,7 @@ class FakeRunner:
 
     def __call__(self, cmd, cwd=None, env=None, stdout=None, stderr=None, check=False):
         assert cwd == experiment.REPO_ROOT and stderr == subprocess.STDOUT and env["PYTHONUNBUFFERED"] == "1"
+        assert env["PYTHONPATH"].split(os.pathsep)[0] == cwd  # the frozen package wins over an installed one
         step = cmd[cmd.index("run") + 1]
         run_name = Path(cmd[cmd.index("--bundle_root") + 1]).name
         self.calls.append((step, run_name))
@@ -51,23 +53,31 @@ def _contains(cmd: list[str], seq: list[str]) -> bool:
 def runner(monkeypatch: pytest.MonkeyPatch) -> FakeRunner:
     fake = FakeRunner()
     monkeypatch.setattr(experiment.subprocess, "run", fake)
-    monkeypatch.setattr(experiment, "report", lambda output_dir, baseline="sup": "report.md")
+    monkeypatch.setattr(experiment, "report", lambda output_dir, baseline=None: "report.md")
     return fake
 
 
-@pytest.mark.parametrize("arm, flags", [*experiment.ARMS.items(), ("mine", ["--lambda_reg", "0"])])
-def test_arm_command_lines(tmp_path: Path, runner: FakeRunner, arm: str, flags: list[str]) -> None:
-    experiment.run(str(tmp_path / "data"), str(tmp_path / "out"), arms=[arm], seeds=[7], max_iterations=30,
-                   val_interval=10, train_stride="[18,18,4]", eval_stride=[9, 9, 2], extra="--num_workers 1",
-                   custom={"mine": ["--lambda_reg", 0]})  # fmt: skip
+def _run(*args, **kwargs) -> str:
+    """``experiment.run`` on the checkout itself (no frozen copy: the commands are what is tested)."""
+    return experiment.run(*args, code=experiment.REPO_ROOT, **kwargs)
+
+
+@pytest.mark.parametrize("arm, spec", [*experiment.ARMS.items(), ("mine", ["--lambda_reg", "0"])])
+def test_arm_command_lines(tmp_path: Path, runner: FakeRunner, arm: str, spec) -> None:
+    _run(str(tmp_path / "data"), str(tmp_path / "out"), arms=[arm], seeds=[7], max_iterations=30, val_interval=10,
+         train_stride="[18,18,4]", eval_stride=[9, 9, 2], extra="--num_workers 1",
+         custom={"mine": ["--lambda_reg", 0]})  # fmt: skip
     (train, eval_), run_dir = runner.cmds, str(tmp_path / "out" / f"{arm}_s7")
+    flags, configs = experiment._arm(spec)["args"], experiment._arm(spec)["configs"]
     assert train[:5] == [sys.executable, "-m", "monai.bundle", "run", "training"]
     assert eval_[:5] == [sys.executable, "-m", "monai.bundle", "run", "evaluating"]
-    assert _value_after(train, "--config_file") == str(experiment.TRAIN_CONFIGS).replace(" ", "")
+    assert _value_after(train, "--config_file") == str([*experiment.TRAIN_CONFIGS, *configs]).replace(" ", "")
     assert _value_after(eval_, "--config_file").endswith(",'bundle/configs/evaluate.yaml']")
+    for path in configs:
+        assert (REPO / path).is_file() and f"'{path}'" in _value_after(eval_, "--config_file")
     for flag, value in [("--seed", "7"), ("--resume", "auto"), ("--sw_stride", "[18,18,4]"), ("--max_iterations", "30"),
-                        ("--val_interval", "10"), ("--bundle_root", run_dir),
-                        ("--dataset_dir", str(tmp_path / "data"))]:  # fmt: skip
+                        ("--val_interval", "10"), ("--bundle_root", run_dir), ("--dataset_dir", str(tmp_path / "data")),
+                        ("--lr_policy", "poly"), ("--model_selection", "final")]:  # fmt: skip
         assert _value_after(train, flag) == value
     for flag, value in [("--sw_stride", "[9,9,2]"), ("--bundle_root", run_dir), ("--output_dir", run_dir + "/eval")]:
         assert _value_after(eval_, flag) == value
@@ -81,9 +91,70 @@ def test_arm_command_lines(tmp_path: Path, runner: FakeRunner, arm: str, flags: 
     assert timing["train_rc"] == timing["eval_rc"] == 0 and timing["train_s"] >= 0
 
 
+def test_paper_arm_is_the_paper_overlay() -> None:
+    """The paper preset exists once (paper.yaml); every id it sets is a switch of train.yaml."""
+    import yaml
+
+    paper = yaml.safe_load((REPO / "bundle" / "configs" / "paper.yaml").read_text())
+    train = yaml.safe_load((REPO / "bundle" / "configs" / "train.yaml").read_text())
+    assert experiment.ARMS["paper"] == {"configs": ["bundle/configs/paper.yaml"], "args": []}
+    assert set(paper) <= set(train) and {"teacher", "multicure_form", "contrastive_anchors"} <= set(paper)
+
+
+def test_protocol_is_written_before_the_first_run(tmp_path: Path, runner: FakeRunner, monkeypatch) -> None:
+    seen = []
+    real = runner.__call__
+
+    def spy(cmd, **kwargs):
+        seen.append(json.loads((tmp_path / "out" / experiment.PROTOCOL_FILE).read_text()))
+        return real(cmd, **kwargs)
+
+    monkeypatch.setattr(experiment.subprocess, "run", spy)
+    _run(str(tmp_path), str(tmp_path / "out"), arms="sup,full", seeds=[1, 2], max_iterations=40, val_interval=20)
+    first = seen[0]
+    assert first["arms"] == {"sup": {"configs": [], "args": ["--supervised_only", "True"]},
+                             "full": {"configs": [], "args": []}}  # fmt: skip
+    assert first["seeds"] == [1, 2] and first["endpoint"] == "final" and first["baseline"] == "sup"
+    assert first["budget"] == {"max_iterations": 40, "val_interval": 20, "lr_policy": "poly",
+                               "train_stride": [18, 18, 4], "eval_stride": [9, 9, 2]}  # fmt: skip
+    # another budget in the same table is refused before any run
+    runner.calls.clear()
+    with pytest.raises(ValueError, match="same budget"):
+        _run(str(tmp_path), str(tmp_path / "out"), arms="sup,full", seeds=[1, 2], max_iterations=80, val_interval=20)
+    assert runner.calls == []
+
+
+def test_add_seeds_continues_the_table(tmp_path: Path, runner: FakeRunner) -> None:
+    out = tmp_path / "out"
+    _run(str(tmp_path / "data"), str(out), arms="sup,full", seeds=[1], max_iterations=40, val_interval=20,
+         extra="--num_workers 1")  # fmt: skip
+    first = list(runner.cmds)
+    runner.cmds.clear()
+    runner.calls.clear()
+    experiment.add_seeds(str(out), seeds="2,3")
+    assert runner.calls == [(step, f"{arm}_s{seed}") for seed in (2, 3) for arm in ("sup", "full")
+                            for step in ("training", "evaluating")]  # fmt: skip
+    strip = {"--seed": None, "--bundle_root": None, "--output_dir": None}
+    for old, new in zip(first, runner.cmds):  # the same commands but for the seed and the run folder
+        assert [a for i, a in enumerate(old) if i == 0 or old[i - 1] not in strip] == [
+            a for i, a in enumerate(new) if i == 0 or new[i - 1] not in strip]
+    protocol = json.loads((out / experiment.PROTOCOL_FILE).read_text())
+    assert protocol["seeds"] == [1, 2, 3] and [h["seeds"] for h in protocol["history"]] == [[1], [2, 3]]
+
+
+def test_freeze_code_copies_the_working_tree(tmp_path: Path) -> None:
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    frozen = experiment.freeze_code(str(tmp_path / "code"))
+    for path in ("multicure_monai/__init__.py", "bundle/configs/train.yaml", "bundle/configs/paper.yaml",
+                 "bundle/scripts/experiment.py"):  # fmt: skip
+        assert (tmp_path / "code" / path).read_bytes() == (REPO / path).read_bytes()
+    assert not (tmp_path / "code" / "tests").exists() and len(frozen["tree"]) == 40
+
+
 def test_unknown_arm_is_refused(tmp_path: Path, runner: FakeRunner) -> None:
     with pytest.raises(ValueError, match="unknown arms"):
-        experiment.run(str(tmp_path), str(tmp_path / "out"), arms="sup,nope")
+        _run(str(tmp_path), str(tmp_path / "out"), arms="sup,nope")
     assert runner.calls == []
 
 
@@ -94,7 +165,7 @@ def test_seed_major_order_and_resume(tmp_path: Path, runner: FakeRunner) -> None
         for m in markers:
             (out / name / m).touch()
     runner.fail = ("training:full_s2",)
-    experiment.run(str(tmp_path), str(out), arms="sup,full", seeds=[1, 2])
+    _run(str(tmp_path), str(out), arms="sup,full", seeds=[1, 2])
     assert runner.calls == [("evaluating", "full_s1"), ("training", "sup_s2"), ("evaluating", "sup_s2"),
                             ("training", "full_s2")]  # fmt: skip
     assert all(_value_after(c, "--resume") == "auto" for c in runner.cmds if "training" in c)
@@ -103,7 +174,7 @@ def test_seed_major_order_and_resume(tmp_path: Path, runner: FakeRunner) -> None
     # the same command again: only the failed run goes on, from its checkpoint (--resume auto)
     runner.calls.clear()
     runner.fail = ()
-    experiment.run(str(tmp_path), str(out), arms="sup,full", seeds=[1, 2])
+    _run(str(tmp_path), str(out), arms="sup,full", seeds=[1, 2])
     assert runner.calls == [("training", "full_s2"), ("evaluating", "full_s2")]
     timing = json.loads((out / "full_s2" / "timing.json").read_text())
     assert timing["train_attempts"] == 2 and timing["train_rc"] == 0
@@ -112,7 +183,7 @@ def test_seed_major_order_and_resume(tmp_path: Path, runner: FakeRunner) -> None
 
 def test_failed_step_prints_log_tail(tmp_path: Path, runner: FakeRunner, capsys: pytest.CaptureFixture) -> None:
     runner.fail = ("evaluating:sup_s3",)
-    experiment.run(str(tmp_path), str(tmp_path / "out"), arms=["sup"], seeds=3)
+    _run(str(tmp_path), str(tmp_path / "out"), arms=["sup"], seeds=3)
     err = capsys.readouterr().err
     assert "sup seed 3: eval FAILED (exit 1)" in err and "Traceback: boom" in err and "sup_s3" in err
 
@@ -192,6 +263,8 @@ def test_parse_validation_log() -> None:
 
 
 def test_report_statistics(fabricated: dict) -> None:
+    from scipy import stats
+
     out, truth = fabricated["out"], fabricated["truth"]
     md = Path(experiment.report(str(out), baseline="sup")).read_text()
     with open(out / "report.csv") as f:
@@ -199,7 +272,7 @@ def test_report_statistics(fabricated: dict) -> None:
     assert ("full", "2", "auxiliary", "dice") not in rows and ("full", "1", "auxiliary", "dice") in rows
     for model in ("ensemble", "predictive"):
         for key in ("dice", "hd95", "asd"):
-            per_seed_means = []
+            per_seed_means, per_seed_deltas = [], []
             for seed in (1, 2):
                 x, y = truth[("full", seed, model, key)], truth[("sup", seed, model, key)]
                 row = rows[("full", str(seed), model, key)]
@@ -212,35 +285,55 @@ def test_report_statistics(fabricated: dict) -> None:
                     assert row["p_value"] == ""  # tested: Dice and 95HD only
                     continue
                 both = np.isfinite(x) & np.isfinite(y)
-                assert float(row["delta_vs_baseline"]) == pytest.approx(np.mean(x[both] - y[both]))
+                per_seed_deltas.append(np.mean(x[both] - y[both]))
+                assert float(row["delta_vs_baseline"]) == pytest.approx(per_seed_deltas[-1])
                 assert float(row["p_value"]) == pytest.approx(wilcoxon(x[both], y[both]).pvalue)
                 assert int(row["wins"]) == ((x > y) if key == "dice" else (x < y)).sum() and row["n_pairs"] == "8"
-            pooled = rows[("full", "all", model, key)]
-            assert float(pooled["mean"]) == pytest.approx(np.mean(per_seed_means))
-            assert float(pooled["std"]) == pytest.approx(np.std(per_seed_means, ddof=1))
-            if key != "asd":
-                x = np.concatenate([truth[("full", s, model, key)] for s in (1, 2)])
-                y = np.concatenate([truth[("sup", s, model, key)] for s in (1, 2)])
-                both = np.isfinite(x) & np.isfinite(y)
-                assert float(pooled["p_value"]) == pytest.approx(wilcoxon(x[both], y[both]).pvalue)
-                assert float(pooled["delta_vs_baseline"]) == pytest.approx(np.mean(x[both] - y[both]))
+            over = rows[("full", "all", model, key)]
+            assert float(over["mean"]) == pytest.approx(np.mean(per_seed_means))
+            assert float(over["std"]) == pytest.approx(np.std(per_seed_means, ddof=1))
+            if key == "asd":
+                continue
+            # the seed is the unit: the mean per-seed difference, its t interval and test over two seeds
+            d = np.array(per_seed_deltas)
+            half = stats.t.ppf(0.975, 1) * d.std(ddof=1) / np.sqrt(2)
+            assert float(over["delta_vs_baseline"]) == pytest.approx(d.mean()) and over["n_pairs"] == "2"
+            assert (float(over["ci_low"]), float(over["ci_high"])) == pytest.approx((d.mean() - half, d.mean() + half))
+            assert float(over["p_value"]) == pytest.approx(stats.ttest_1samp(d, 0).pvalue)
+            assert int(over["wins"]) == int(np.sum(d > 0) if key == "dice" else np.sum(d < 0))
     assert rows[("sup", "all", "ensemble", "dice")]["delta_vs_baseline"] == ""
     assert rows[("full", "1", "ensemble", "hd95")]["n_nonfinite"] == "1"
-    # markdown: header layout, values, collapse check and the missing runs
-    assert ("| arm | model | Dice s1 | Dice s2 | Dice s3 | Dice (seeds) | ΔDice vs sup | p | wins | 95HD | ASD | Jaccard "
-            "| train time | val Dice best | val Dice last | max drop |") in md
-    ens = next(ln for ln in md.splitlines() if ln.startswith("| full | ensemble |"))
+    # markdown: the headline first, then the tables, the collapse check and the missing runs
+    lines = md.splitlines()
+    assert lines.index(next(ln for ln in lines if ln.startswith("## Headline"))) < lines.index("## Per arm and net")
+    head = next(ln for ln in lines if ln.startswith("| full | ensemble | 2 |"))
     d = rows[("full", "all", "ensemble", "dice")]
-    assert f"{float(d['delta_vs_baseline']):+.3f}" in ens and f"{d['wins']}/16" in ens
+    assert head.startswith(f"| full | ensemble | 2 | {float(d['delta_vs_baseline']):+.3f} [{float(d['ci_low']):+.3f}, ")
+    assert ("| arm | model | Dice s1 | Dice s2 | Dice s3 | Dice (seeds) | 95HD | ASD | Jaccard | train time "
+            "| val Dice best | val Dice last | max drop |") in md
+    ens = next(ln for ln in lines if ln.startswith("| full | ensemble | 0."))
     assert "(2 non-finite)" in ens and "10.0 min / 20.0 min" in ens
     assert ens.endswith("| 0.700 / 0.700 / 0.500 | 0.650 / 0.650 / 0.500 | 0.100 / 0.100 / 0.000 |")  # best/last/drop
-    assert next(ln for ln in md.splitlines() if ln.startswith("| sup | predictive |")).endswith(
+    assert next(ln for ln in lines if ln.startswith("| sup | predictive | 0.")).endswith(
         "| 0.630 / 0.630 / – | 0.630 / 0.630 / – | 0.000 / 0.000 / – |")
     assert "| mcf_s1 | missing: not started |" in md and "| full_s3 | missing: evaluation not finished |" in md
-    assert next(ln for ln in md.splitlines() if ln.startswith("| mcf | ensemble |")).startswith(
+    assert next(ln for ln in lines if ln.startswith("| mcf | ensemble |")).startswith(
         "| mcf | ensemble | missing | missing | missing |")
     assert "| full | ensemble | 95HD |" in md and "command: `" in md and "torch " in md
+    assert "selected on the reported cases" in md  # matrix.json of an older table: no endpoint, best model
     assert (out / "curves.png").stat().st_size > 1000
+
+
+def test_report_lists_gradient_norms(fabricated: dict) -> None:
+    out = fabricated["out"]
+    for seed, value in ((1, 0.5), (2, 1.5)):
+        with open(out / f"full_s{seed}" / "train.log", "a") as f:
+            for it in (10, 20):
+                f.write(f"INFO - Epoch: 1/3, Iter: {it}/100 -- loss: 0.3 diag_grad_contrastive_predictive: {value} "
+                        f"diag_grad_supervised_predictive: {value * it}\n")  # fmt: skip
+    md = Path(experiment.report(str(out))).read_text()
+    assert "| arm | contrastive_predictive | supervised_predictive |" in md
+    assert "| full | 1.000 | 15.000 |" in md
 
 
 def test_report_of_an_empty_matrix(tmp_path: Path) -> None:
