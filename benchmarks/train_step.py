@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from monai.losses import DiceCELoss
 
+from multicure_monai.engines.loss_terms import method_loss_terms
 from multicure_monai.engines.semi_supervised_trainer import SemiSupervisedTrainer
 from multicure_monai.losses.prototype_contrastive import PrototypeContrastiveLoss
 from multicure_monai.losses.pseudo_label import PseudoLabelLoss
@@ -91,25 +92,21 @@ class _Timed(torch.nn.Module):
         return out
 
 
-_PARTS = {  # report name -> trainer attribute
-    "predictive": "network",
-    "auxiliary": "aux_network",
-    "sup": "loss_function",
-    "pseudo": "pseudo_label_loss",
-    "reg": "regularization_loss",
-    "contrastive": "contrastive_loss",
-}
-_LOSSES = ("sup", "pseudo", "reg", "contrastive")
+_NETS = {"predictive": "network", "auxiliary": "aux_network"}  # report name -> trainer attribute
+_LOSSES = ("sup", "pseudo", "reg", "contrastive")  # rows of the trainer's loss table
 
 
 def instrument(trainer: SemiSupervisedTrainer) -> dict[str, _Timed]:
-    """Replace the trainer's networks and losses by timing wrappers (the optimizer keeps the same parameters)."""
+    """Replace the trainer's networks and the losses of its table rows by timing wrappers (the optimizer keeps the
+    same parameters)."""
     timed = {}
-    for name, attr in _PARTS.items():
-        inner = getattr(trainer, attr)
-        if inner is not None:
-            timed[name] = _Timed(inner, trainer.state.device)
-            setattr(trainer, attr, timed[name])
+    for name, attr in _NETS.items():
+        timed[name] = _Timed(getattr(trainer, attr), trainer.state.device)
+        setattr(trainer, attr, timed[name])
+    for name in _LOSSES:
+        if name in trainer.loss_terms:
+            compute = trainer.loss_terms[name].compute
+            timed[name] = compute.loss = _Timed(compute.loss, trainer.state.device)
     return timed
 
 
@@ -229,11 +226,13 @@ def build(
         network=net,
         aux_network=aux,
         optimizer=torch.optim.SGD(list(net.parameters()) + list(aux.parameters()), lr=0.01, momentum=0.9),
-        loss_function=DiceCELoss(to_onehot_y=True, softmax=True),
-        pseudo_label_loss=PseudoLabelLoss(),
-        regularization_loss=XORRegularizationLoss(),
-        contrastive_loss=PrototypeContrastiveLoss(num_classes=2) if contrastive else None,
-        contrastive_weight=0.1,
+        loss_terms=method_loss_terms(
+            DiceCELoss(to_onehot_y=True, softmax=True),
+            PseudoLabelLoss(),
+            XORRegularizationLoss(),
+            PrototypeContrastiveLoss(num_classes=2) if contrastive else None,
+            contrastive_anchors="all",
+        ),
         channels_last=channels_last,
         decollate=False,
     )
@@ -241,13 +240,13 @@ def build(
 
 def one_step(trainer: SemiSupervisedTrainer, x: torch.Tensor, y: torch.Tensor, n_l: int, amp: bool) -> dict[str, float]:
     device = x.device
-    use_c = trainer.contrastive_loss is not None
+    weights = {name: row.weight_at(1) for name, row in trainer.loss_terms.items()}
     times: dict[str, float] = {}
     _sync(device)
     t0 = time.perf_counter()
     trainer.optimizer.zero_grad(set_to_none=True)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-        terms = trainer._compute_losses(x, y, n_l, lambda_c=0.1 if use_c else 0.0, use_contrastive=use_c)
+        terms, _ = trainer._compute_losses(x, y, n_l, weights)
     _sync(device)
     t1 = time.perf_counter()
     terms["loss"].backward()

@@ -1,4 +1,4 @@
-"""Engines: the two-network semi-supervised trainer and its handlers (checkpoints, resume, seeding, progress,
+"""Engines: the two-network semi-supervised trainer, its loss table and its handlers (checkpoints, resume, seeding, progress,
 DDP buffer sync, BatchNorm recalibration, training diagnostics, uncertainty figures of an evaluation)."""
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ from .checkpoint import AtomicCheckpointSaver, ResumeCheckpointLoader, SafeCheck
 from .determinism import EpochSeedHandler
 from .diagnostics import CollapseGuard, loss_gradient_norms
 from .progress_bar import ProgressBar
-from .semi_supervised_trainer import LOSS_TERMS, SemiSupervisedTrainer
+from .loss_terms import LossTerm, method_loss_terms
+from .semi_supervised_trainer import SemiSupervisedTrainer
 from .uncertainty_figures import UncertaintyFigures
 
 __all__ = [
@@ -18,7 +19,7 @@ __all__ = [
     "BufferSyncHandler",
     "CollapseGuard",
     "EpochSeedHandler",
-    "LOSS_TERMS",
+    "LossTerm",
     "ProgressBar",
     "ResumeCheckpointLoader",
     "SafeCheckpointLoader",
@@ -26,6 +27,7 @@ __all__ = [
     "UncertaintyFigures",
     "broadcast_buffers",
     "loss_gradient_norms",
+    "method_loss_terms",
     "recalibrate_batchnorm",
     "safe_load",
 ]

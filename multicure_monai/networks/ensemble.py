@@ -14,8 +14,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
+from multicure_monai.networks.two_nets import forward_two_nets
 from multicure_monai.networks.vnet import SCRIPT_UNSUPPORTED
-from multicure_monai.uncertainty import uncertainty_map
 
 __all__ = ["DualNetworkEnsemble", "MEMBER_NAMES", "split_members"]
 
@@ -35,15 +35,15 @@ class DualNetworkEnsemble(nn.Module):
     (as in training); ``weights=(1, 0)`` deploys the predictive network alone (the auxiliary one is not run).
 
     Args:
-        predictive: network mapping ``(B, C_in, *S)`` to logits ``(B, N, *S)``.
-        auxiliary: network called as ``auxiliary(x, uncertainty)`` returning logits ``(B, N, *S)``.
+        predictive: the predictive :class:`~multicure_monai.networks.protocol.SegmentationNetwork`.
+        auxiliary: the auxiliary one, called with the predictive net's uncertainty map.
         uncertainty_threshold: confidence threshold of the uncertainty map.
         weights: non-negative mixture weights ``(w_predictive, w_auxiliary)``, normalised to sum to 1.
         eps: lower clamp of the mixture before the log.
         return_members: also return each net's log-probabilities (see above).
         predictive_uses_uncertainty: the predictive net holds a MultiCURE block (the authors' placement) and, as
-            in training (``SemiSupervisedTrainer(predictive_uses_uncertainty=True)``), gets the uncertainty map of
-            a first pass of itself.
+            in training, gets the uncertainty map of a first pass of itself
+            (:func:`~multicure_monai.networks.two_nets.forward_two_nets`, shared with the trainer).
 
     With ``return_members=True`` (validation that scores each net next to the ensemble in one sliding-window
     pass) the output is ``(B, 3N, H, W, D)``: the ensemble's, the predictive net's and the auxiliary net's
@@ -92,22 +92,16 @@ class DualNetworkEnsemble(nn.Module):
             Log-probabilities ``(B, N, H, W, D)`` of the weighted probability average.
         """
         w_pred, w_aux = self.weights
-        if self.predictive_uses_uncertainty:  # as the trainer: a first pass gives the predictive net its own map
-            first = torch.softmax(self.predictive(x), dim=1)
-            p = torch.softmax(self.predictive(x, uncertainty_map(first, self.uncertainty_threshold)), dim=1)
-        else:
-            p = torch.softmax(self.predictive(x), dim=1)
+        out = forward_two_nets(self.predictive, self.auxiliary, x, self.uncertainty_threshold,
+                               self.predictive_uses_uncertainty, run_auxiliary=self.return_members or w_aux > 0.0)  # fmt: skip
+        p = out.probs_p
         if self.return_members:
-            a = torch.softmax(self.auxiliary(x, uncertainty_map(p, self.uncertainty_threshold)), dim=1)
-            mixed = [w_pred * p + w_aux * a, p, a]
-            return torch.log(torch.cat(mixed, dim=1).clamp_min(self.eps))
-        if w_aux == 0.0:
-            mix = p
-        else:
-            unc = uncertainty_map(p, self.uncertainty_threshold)
-            a = torch.softmax(self.auxiliary(x, unc), dim=1)
-            mix = a if w_pred == 0.0 else w_pred * p + w_aux * a
-        return torch.log(mix.clamp_min(self.eps))
+            a = torch.softmax(out.logits_a.float(), dim=1)
+            return torch.log(torch.cat([w_pred * p + w_aux * a, p, a], dim=1).clamp_min(self.eps))
+        if out.logits_a is None:
+            return torch.log(p.clamp_min(self.eps))
+        a = torch.softmax(out.logits_a.float(), dim=1)
+        return torch.log((a if w_pred == 0.0 else w_pred * p + w_aux * a).clamp_min(self.eps))
 
 
 def split_members(output: torch.Tensor, dim: int = 0) -> dict[str, torch.Tensor]:

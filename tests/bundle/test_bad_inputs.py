@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from multicure_monai.data.datalist import validate_datalist
 from multicure_monai.engines.config_checks import check_training_config
+from multicure_monai.engines.loss_terms import method_loss_terms
 from multicure_monai.engines.semi_supervised_trainer import SemiSupervisedTrainer
 from multicure_monai.losses.pseudo_label import PseudoLabelLoss
 
@@ -208,7 +209,7 @@ def test_empty_unlabelled_set(mode: str) -> None:
         device="cpu", max_epochs=1, train_data_loader=DataLoader([{"image": torch.zeros(1, 4, 4, 4)}]),
         unlabeled_data_loader=DataLoader([]), network=net, aux_network=aux,
         optimizer=torch.optim.SGD(list(net.parameters()) + list(aux.parameters()), lr=0.1),
-        loss_function=nn.MSELoss(), pseudo_label_loss=PseudoLabelLoss(), empty_unlabeled=mode,
+        loss_terms=method_loss_terms(nn.MSELoss(), PseudoLabelLoss()), empty_unlabeled=mode,
     )  # fmt: skip
     if mode == "warn":
         with pytest.warns(UserWarning, match="no unlabelled data.*falls back to supervised-only") as rec:

@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from multicure_monai.engines.batchnorm_recalibration import BatchNormRecalibration, recalibrate_batchnorm
+from multicure_monai.engines.loss_terms import method_loss_terms
 from multicure_monai.engines.semi_supervised_trainer import SemiSupervisedTrainer
 from multicure_monai.losses.pseudo_label import PseudoLabelLoss
 
@@ -85,8 +86,7 @@ def _trainer(supervised_only: bool, num_batches: int, epoch_level: bool = True) 
         network=net,
         aux_network=aux,
         optimizer=torch.optim.SGD(list(net.parameters()) + list(aux.parameters()), lr=0.5),
-        loss_function=DiceCELoss(to_onehot_y=True, softmax=True),
-        pseudo_label_loss=PseudoLabelLoss(),
+        loss_terms=method_loss_terms(DiceCELoss(to_onehot_y=True, softmax=True), PseudoLabelLoss()),
         supervised_only=supervised_only,
         decollate=False,
     )

@@ -29,6 +29,7 @@ from multicure_monai.engines.checkpoint import (
     atomic_torch_save,
     safe_load,
 )
+from multicure_monai.engines.loss_terms import method_loss_terms
 from multicure_monai.engines.semi_supervised_trainer import SemiSupervisedTrainer
 from multicure_monai.losses.pseudo_label import PseudoLabelLoss
 
@@ -235,8 +236,7 @@ def test_nan_loss_stops_run_and_keeps_last_good_checkpoint(tmp_path: Path) -> No
         network=net,
         aux_network=aux,
         optimizer=torch.optim.SGD(list(net.parameters()) + list(aux.parameters()), lr=0.01, momentum=0.9),
-        loss_function=_NaNAt(at=4),
-        pseudo_label_loss=PseudoLabelLoss(confidence_threshold=0.5 + 1e-6),
+        loss_terms=method_loss_terms(_NaNAt(at=4), PseudoLabelLoss(confidence_threshold=0.5 + 1e-6)),
         decollate=False,
     )
     saver = AtomicCheckpointSaver(

@@ -134,6 +134,7 @@ def _build(max_epochs: int, ckpt_dir: Path, resume: bool, reseed: bool):
 
     from multicure_monai.engines.checkpoint import AtomicCheckpointSaver, ResumeCheckpointLoader
     from multicure_monai.engines.determinism import EpochSeedHandler
+    from multicure_monai.engines.loss_terms import method_loss_terms
     from multicure_monai.engines.semi_supervised_trainer import SemiSupervisedTrainer
     from multicure_monai.losses.pseudo_label import PseudoLabelLoss
 
@@ -166,8 +167,9 @@ def _build(max_epochs: int, ckpt_dir: Path, resume: bool, reseed: bool):
         device="cpu", max_epochs=max_epochs, epoch_length=2,  # 2 iterations/epoch over 2 batches/pass: spans epochs
         train_data_loader=DataLoader(ds_l, batch_size=2, shuffle=True, num_workers=0),
         unlabeled_data_loader=DataLoader(ds_u, batch_size=2, shuffle=True, drop_last=False, num_workers=0),
-        network=net, aux_network=aux, optimizer=optimizer, loss_function=DiceCELoss(to_onehot_y=True, softmax=True),
-        pseudo_label_loss=PseudoLabelLoss(confidence_threshold=0.5 + 1e-6), contrastive_weight=0.0,
+        network=net, aux_network=aux, optimizer=optimizer,
+        loss_terms=method_loss_terms(DiceCELoss(to_onehot_y=True, softmax=True),
+                                     PseudoLabelLoss(confidence_threshold=0.5 + 1e-6), lambda_c=0.0),
         train_handlers=handlers, decollate=False,
     )  # fmt: skip
     torch.manual_seed(123)  # whatever the RNG state is now, the epoch handler must not depend on it
