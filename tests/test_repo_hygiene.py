@@ -18,14 +18,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # an absolute path into a home, scratch or workspace folder; a URL's path (``host/work/...``) does not count
 MACHINE_PATH = re.compile(r"(?<![\w.~-])/(?:(?:work|root|Users|tmp)/|home/[\w.-]+)")
-# what a walk skips when there is no git to list the files: caches, build outputs, the bundle's run outputs
-SKIPPED_DIRS = {"__pycache__", "build", "dist"}
-SKIPPED_PATHS = {"bundle/data", "bundle/models", "bundle/eval", "bundle/logs"}
+# what a walk skips when there is no git to list the files: git's own folder, caches, virtual environments, build
+# outputs, installed packages and the bundle's run outputs (all ignored by .gitignore)
+SKIPPED_PREFIXES = (".git", ".venv", "__pycache__")
+SKIPPED_SUFFIXES = ("_cache", ".egg-info")
+SKIPPED_DIRS = {"build", "dist", "site-packages", ".tox"}
+SKIPPED_PATHS = {"bundle/data", "bundle/eval", "bundle/logs", "bundle/ckpt", "bundle/output", "bundle/runs"}
 
 
-def _repo_files() -> list[Path]:
+def _has_git() -> bool:
+    return (ROOT / ".git").exists() and shutil.which("git") is not None
+
+
+def _repo_files(use_git: bool = True) -> list[Path]:
     """Tracked and untracked-but-not-ignored files (``git ls-files``), else every file of a walk of the tree."""
-    if (ROOT / ".git").exists() and shutil.which("git"):
+    if use_git and _has_git():
         out = subprocess.run(
             ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
             cwd=ROOT, capture_output=True, check=True,
@@ -37,10 +44,10 @@ def _repo_files() -> list[Path]:
         dirs[:] = [
             d
             for d in dirs
-            if not d.startswith(".") and d not in SKIPPED_DIRS and not d.endswith(".egg-info")
+            if not d.startswith(SKIPPED_PREFIXES) and not d.endswith(SKIPPED_SUFFIXES) and d not in SKIPPED_DIRS
             and (rel / d).as_posix() not in SKIPPED_PATHS
         ]
-        files += [Path(folder) / n for n in names]
+        files += [Path(folder) / n for n in names if n != ".git"]  # a worktree's .git file names its main checkout
     return files
 
 
@@ -76,6 +83,12 @@ def machine_paths(text: str) -> list[tuple[int, str]]:
 )
 def test_machine_path_pattern(line: str, found: bool) -> None:
     assert bool(machine_paths(line)) is found
+
+
+@pytest.mark.skipif(not _has_git(), reason="needs a git checkout to compare with")
+def test_walk_lists_every_tracked_file() -> None:
+    """The walk that replaces ``git ls-files`` outside a checkout (e.g. an sdist) misses no tracked file."""
+    assert set(_repo_files(use_git=True)) <= set(_repo_files(use_git=False))
 
 
 def test_no_machine_path_in_the_repository() -> None:
