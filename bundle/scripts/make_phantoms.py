@@ -3,7 +3,7 @@
 Examples::
 
     python bundle/scripts/make_phantoms.py --root bundle/data/phantoms
-    python bundle/scripts/make_phantoms.py --root /tmp/ph --num_labelled 8 --num_unlabelled 32 \\
+    python bundle/scripts/make_phantoms.py --root phantoms_96 --num_labelled 8 --num_unlabelled 32 \\
         --shape "[96,96,64]" --seed 1 --overwrite
 
 The bundle itself calls ``ensure_phantom_dataset`` on first use, so this script is only needed for other

@@ -3,15 +3,15 @@
 Examples::
 
     # 8 labelled (10 %), 16 validation (end of train.list), the other 56 unlabelled; la_half is 1.25 mm
-    python bundle/scripts/prepare_la.py convert --data_root /work/shared/data/la_half \\
-        --output_dir /work/data/la_half_nii --num_labelled 8 --num_validation 16 --spacing 1.25
+    python bundle/scripts/prepare_la.py convert --data_root la_half \\
+        --output_dir la_half_nii --num_labelled 8 --num_validation 16 --spacing 1.25
 
     # the paper's 5-fold cross-validation: datalist_fold{0..4}.json next to the NIfTI files
-    python bundle/scripts/prepare_la.py kfold --source /work/shared/data/la_half \\
-        --output_dir /work/data/la_half_nii --num_folds 5 --num_labelled 8 --spacing 1.25
+    python bundle/scripts/prepare_la.py kfold --source la_half \\
+        --output_dir la_half_nii --num_folds 5 --num_labelled 8 --spacing 1.25
 
     # check a datalist (all problems listed at once)
-    python bundle/scripts/prepare_la.py check --datalist /work/data/la_half_nii/datalist.json
+    python bundle/scripts/prepare_la.py check --datalist la_half_nii/datalist.json
 """
 
 from __future__ import annotations

@@ -17,21 +17,17 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 __all__ = ["kfold_split", "kfold_datalist"]
-
-
-def _fold_bounds(n: int, num_folds: int, fold: int) -> tuple[int, int]:
-    """Start/stop of contiguous fold ``fold`` of ``n`` items; the first ``n % num_folds`` folds are one longer."""
-    base, extra = divmod(n, num_folds)
-    start = fold * base + min(fold, extra)
-    return start, start + base + (1 if fold < extra else 0)
 
 
 def kfold_split(items: Sequence[Any], num_folds: int, fold: int) -> tuple[list[Any], list[Any]]:
     """Deterministic contiguous k-fold split (no shuffling), as MCF/UA-MT style cross-validation.
 
-    Fold ``k`` holds out the ``k``-th contiguous block of ``items``; the folds partition ``items`` and
-    their sizes differ by at most one (``80`` items, ``5`` folds: blocks ``[0:16], [16:32], ...``).
+    Fold ``k`` holds out the ``k``-th contiguous block of ``items``; the blocks are those of
+    :func:`numpy.array_split`: they partition ``items`` and the first ``len(items) % num_folds`` are one longer
+    than the rest (``80`` items, ``5`` folds: blocks ``[0:16], [16:32], ...``).
 
     Args:
         items: the cases, in their fixed order (e.g. the order of ``train.list``).
@@ -48,7 +44,8 @@ def kfold_split(items: Sequence[Any], num_folds: int, fold: int) -> tuple[list[A
         raise ValueError(f"cannot split {n} items into {num_folds} folds")
     if not 0 <= fold < num_folds:
         raise ValueError(f"fold must be in [0, {num_folds - 1}], got {fold}")
-    start, stop = _fold_bounds(n, num_folds, fold)
+    held_out = np.array_split(np.arange(n), num_folds)[fold]
+    start, stop = int(held_out[0]), int(held_out[-1]) + 1
     items = list(items)
     return items[:start] + items[stop:], items[start:stop]
 

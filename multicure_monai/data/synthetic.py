@@ -77,7 +77,7 @@ def _smooth_field(rng: np.random.Generator, shape: Sequence[int], cells: float) 
     coeff = rng.standard_normal(coarse).astype(np.float32)
     b0, b1, b2 = (_bspline_matrix(n, c) for n, c in zip(shape, coarse))
     # small contractions first, then the full volume as a sum of c0 slabs; einsum and the explicit sum
-    # stay single-threaded (multi-threaded BLAS is ~10x slower on a busy machine)
+    # stay single-threaded (multi-threaded BLAS contends for the cores with the training that asked for them)
     t = np.einsum("bj,ijc->ibc", b1, np.einsum("ijk,ck->ijc", coeff, b2))  # (c0, S1, S2)
     field = np.zeros(shape, dtype=np.float32)
     for i in range(coarse[0]):

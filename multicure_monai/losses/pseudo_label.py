@@ -38,12 +38,9 @@ class PseudoLabelLoss(nn.Module):
     target is ~1 whatever the prediction unless every probability of that channel is driven to exactly 0, so
     keeping those pairs (``ignore_empty=False``, MONAI's ``DiceLoss`` behaviour: a sample with no masked voxel
     then contributes Dice 0 for every channel but still counts in the mean) adds a constant ~0.5 to the loss on
-    crops without confident foreground and a pull towards predicting background there. (On the half-resolution
-    LA data the loss sat at that value after the two nets had collapsed to empty predictions; the collapse itself
-    came from ``L_reg`` reaching the predictive net, see
-    :class:`~multicure_monai.engines.SemiSupervisedTrainer`.) When no voxel of the batch passes the
-    threshold the loss is ``logits.float().mean() * 0`` (zero, still attached to the graph). No gradient ever
-    reaches ``teacher_probs``.
+    crops without confident foreground and a pull towards predicting background there. When no voxel of the
+    batch passes the threshold the loss is ``logits.float().mean() * 0`` (zero, still attached to the graph).
+    No gradient ever reaches ``teacher_probs``.
 
     ``forward(..., return_stats=True)`` also returns ``{"mask_fraction": float}``, the fraction of voxels that
     passed the confidence threshold (for logging; the loss keeps no state between calls, as MONAI's losses).

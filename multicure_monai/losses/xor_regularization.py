@@ -8,9 +8,9 @@ penalised. MONAI has no masked-disagreement loss, so it is written here.
 Two settings decide how strong it is (each a bundle switch; see ``docs/results.md`` for the evidence):
 
 * ``normalization``: the paper's mean over the XOR voxels (``"xor"``) divides by the number of disagreeing
-  voxels, so the per-voxel gradient grows as the nets agree (at 0.5 % XOR voxels of a crop it is ~30x one net's
-  supervised gradient); ``"voxels"`` divides by the number of (confidence-masked) voxels instead, which gives it
-  the per-voxel scale of a cross-entropy.
+  voxels, so the per-voxel gradient grows as ``1 / (XOR fraction)`` as the nets come to agree and outgrows one
+  net's supervised gradient; ``"voxels"`` divides by the number of (confidence-masked) voxels instead, which
+  gives it the per-voxel scale of a cross-entropy.
 * ``confidence_threshold``: the paper restricts ``L_u`` (which holds ``L_reg``) to voxels whose teacher
   confidence exceeds 0.7; with a threshold only those XOR voxels count (``None``: all of them).
 """

@@ -43,9 +43,6 @@ __all__ = [
     "grid_diagonal",
     "EmptyAwareHausdorffDistanceMetric",
     "EmptyAwareSurfaceDistanceMetric",
-    # moved to :mod:`multicure_monai.metrics.handlers`, still importable from here (see ``__getattr__``)
-    "LabelToOneHot",
-    "segmentation_metric_handlers",
 ]
 
 EMPTY_DIAGONAL = "diagonal"
@@ -299,18 +296,3 @@ class EmptyAwareSurfaceDistanceMetric(_EmptyAwareMixin, SurfaceDistanceMetric):
             ignore_index=ignore_index,
         )
         self._init_empty_aware(empty_value, unit, spacing)
-
-
-_MOVED_TO_HANDLERS = ("LabelToOneHot", "segmentation_metric_handlers")
-
-
-def __getattr__(name: str) -> Any:
-    """Re-export the evaluator wiring that moved to :mod:`multicure_monai.metrics.handlers`.
-
-    Resolved lazily because ``handlers`` imports this module; an import at the top would be circular.
-    """
-    if name in _MOVED_TO_HANDLERS:
-        from . import handlers
-
-        return getattr(handlers, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -46,6 +46,12 @@ def test_channel_def_names_every_class(metadata: dict) -> None:
     assert metadata["changelog"].get(metadata["version"])
 
 
+def test_changelog_entries_are_one_line(metadata: dict) -> None:
+    """What changed, in a line; the evidence and the detail live in docs/results.md and the git log."""
+    for version, entry in metadata["changelog"].items():
+        assert entry and "\n" not in entry and len(entry) <= 120, version
+
+
 def test_metadata_names_the_schema_it_is_checked_against(metadata: dict) -> None:
     assert metadata["schema"].endswith("/" + SCHEMA.name)
 
