@@ -44,20 +44,22 @@ class XORRegularizationLoss(nn.Module):
 
     Args:
         reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``.
-        normalization: denominator of ``"mean"``: ``"xor"`` (the paper: disagreeing voxels) or ``"voxels"``
-            (all masked voxels).
-        confidence_threshold: keep only voxels where ``max_c b_c`` exceeds it; ``None`` keeps all.
+        normalization: denominator of ``"mean"``: ``"voxels"`` (all masked voxels; the bundle's) or ``"xor"``
+            (the paper: the disagreeing voxels).
+        confidence_threshold: keep only voxels where ``max_c b_c`` exceeds it (0.7, the bundle's); ``None`` keeps
+            all (the paper).
 
     Example:
         >>> import torch
         >>> a = torch.tensor([[[0.9, 0.4]], [[0.1, 0.6]]]).permute(1, 0, 2)  # (B=1, C=2, 2 voxels)
         >>> b = torch.tensor([[[0.8, 0.7]], [[0.2, 0.3]]]).permute(1, 0, 2)
-        >>> round(float(XORRegularizationLoss()(a, b)), 6)  # only voxel 1 disagrees: |0.4-0.7|+|0.6-0.3|
+        >>> paper = XORRegularizationLoss(normalization="xor", confidence_threshold=None)
+        >>> round(float(paper(a, b)), 6)  # only voxel 1 disagrees: |0.4-0.7|+|0.6-0.3|
         0.6
     """
 
     def __init__(
-        self, reduction: str = "mean", normalization: str = "xor", confidence_threshold: float | None = None
+        self, reduction: str = "mean", normalization: str = "voxels", confidence_threshold: float | None = 0.7
     ) -> None:
         super().__init__()
         if reduction not in _REDUCTIONS:

@@ -43,6 +43,10 @@ from multicure_monai.networks.deform_conv import DeformConv3dPack
 
 __all__ = ["MultiCURE", "MULTICURE_FORMS", "resize_uncertainty_map"]
 
+#: What the arguments a form may set default to when neither they nor the form give a value (the paper's text).
+_BASE_ARGUMENTS: dict = {"large_kernel": "5x5x5", "groups": 1, "mix_branches": False, "squeeze_norm": False,
+                         "min_hidden": 16, "uncertainty_pool": "adaptive"}  # fmt: skip
+
 #: Keyword arguments of :class:`MultiCURE` for each form (see the module docstring).
 MULTICURE_FORMS: dict[str, dict] = {
     "paper": {},
@@ -133,8 +137,10 @@ class MultiCURE(nn.Module):
             global pooling (the authors' form), instead of pooling each branch (hidden size then from ``d``).
         squeeze_norm: BatchNorm1d in the attention MLP (the authors' form).
         uncertainty_pool: how the map is brought to the feature size, see :func:`resize_uncertainty_map`.
-        form: ``"paper"`` or ``"authors"``: set the arguments above that :data:`MULTICURE_FORMS` lists for the
-            form (they override what is passed); ``None`` uses the arguments as given.
+        form: ``"paper"`` or ``"authors"``: the arguments above that :data:`MULTICURE_FORMS` lists for the form
+            take its values (passing another value for one of them is an error); ``None`` uses the arguments as
+            given. Arguments left ``None`` take the form's value, else the paper's (``5x5x5``, ``groups=1``, no
+            branch mixing or squeeze norm, ``min_hidden=16``, ``adaptive`` pooling).
 
     Example::
 
@@ -150,31 +156,35 @@ class MultiCURE(nn.Module):
         in_channels: int | None = None,
         out_channels: int | None = None,
         reduction: int = 16,
-        min_hidden: int = 16,
-        large_kernel: str = "5x5x5",
+        min_hidden: int | None = None,
+        large_kernel: str | None = None,
         norm: str | tuple = Norm.BATCH,
         act: str | tuple = Act.RELU,
         deformable: bool = True,
         use_uncertainty: bool = True,
         offset_groups: int = 1,
         bias: bool = True,
-        groups: int = 1,
-        mix_branches: bool = False,
-        squeeze_norm: bool = False,
-        uncertainty_pool: str = "adaptive",
+        groups: int | None = None,
+        mix_branches: bool | None = None,
+        squeeze_norm: bool | None = None,
+        uncertainty_pool: str | None = None,
         form: str | None = None,
     ) -> None:
         super().__init__()
-        if form is not None:
-            if form not in MULTICURE_FORMS:
-                raise ValueError(f"form must be one of {sorted(MULTICURE_FORMS)}, got {form!r}.")
-            preset = MULTICURE_FORMS[form]
-            large_kernel = preset.get("large_kernel", large_kernel)
-            groups = preset.get("groups", groups)
-            mix_branches = preset.get("mix_branches", mix_branches)
-            squeeze_norm = preset.get("squeeze_norm", squeeze_norm)
-            min_hidden = preset.get("min_hidden", min_hidden)
-            uncertainty_pool = preset.get("uncertainty_pool", uncertainty_pool)
+        if form is not None and form not in MULTICURE_FORMS:
+            raise ValueError(f"form must be one of {sorted(MULTICURE_FORMS)}, got {form!r}.")
+        preset = MULTICURE_FORMS[form] if form is not None else {}
+        given = {"large_kernel": large_kernel, "groups": groups, "mix_branches": mix_branches,
+                 "squeeze_norm": squeeze_norm, "min_hidden": min_hidden, "uncertainty_pool": uncertainty_pool}  # fmt: skip
+        clash = {k: v for k, v in given.items() if v is not None and k in preset and v != preset[k]}
+        if clash:
+            raise ValueError(f"form={form!r} sets {', '.join(f'{k}={preset[k]!r}' for k in clash)}, but "
+                             f"{', '.join(f'{k}={v!r}' for k, v in clash.items())} was passed: drop the argument, "
+                             "or pass form=None to give every argument yourself.")  # fmt: skip
+        resolved = {k: v if v is not None else preset.get(k, _BASE_ARGUMENTS[k]) for k, v in given.items()}
+        large_kernel, groups, min_hidden = resolved["large_kernel"], resolved["groups"], resolved["min_hidden"]
+        mix_branches, squeeze_norm = resolved["mix_branches"], resolved["squeeze_norm"]
+        uncertainty_pool = resolved["uncertainty_pool"]
         if in_channels is None or in_channels < 1:
             raise ValueError(f"in_channels must be a positive int, got {in_channels}.")
         if reduction < 1 or min_hidden < 1:

@@ -87,9 +87,10 @@ class ResNetVNet(VNetBase):
         embed_dim: channels of the projected features.
         multicure: apply a :class:`MultiCURE` block to the decoder stage output at ``multicure_level``
             (``False``: plain ResNet-VNet, for ablation).
-        multicure_level: decoder level of the MultiCURE block (default 1 = half resolution, which keeps the
-            deformable conv affordable).
-        multicure_kwargs: extra keyword arguments of :class:`MultiCURE`.
+        multicure_level: decoder level of the MultiCURE block (0..3; 2: quarter resolution, the bundle's; 1: half,
+            the paper's).
+        multicure_form: :class:`MultiCURE` form, ``"authors"`` (the bundle's) or ``"paper"``.
+        multicure_kwargs: extra keyword arguments of :class:`MultiCURE` (a ``form`` there wins).
         pad_to_multiple: pad inputs not divisible by 16 at the end of each axis and crop the outputs back.
 
     Forward: see :meth:`VNetBase.forward` (``x (B, C_in, H, W, D)``, optional ``uncertainty (B, 1, ...)``).
@@ -114,7 +115,8 @@ class ResNetVNet(VNetBase):
         feature_levels: Sequence[int] = (0, 1, 2),
         embed_dim: int = 32,
         multicure: bool = True,
-        multicure_level: int = 1,
+        multicure_level: int = 2,
+        multicure_form: str | None = "authors",
         multicure_kwargs: dict | None = None,
         pad_to_multiple: bool = True,
     ) -> None:
@@ -132,6 +134,7 @@ class ResNetVNet(VNetBase):
             embed_dim=embed_dim,
             multicure=multicure,
             multicure_level=multicure_level,
+            multicure_form=multicure_form,
             multicure_kwargs=multicure_kwargs,
             pad_to_multiple=pad_to_multiple,
         )

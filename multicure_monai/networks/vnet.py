@@ -178,8 +178,10 @@ class VNetBase(nn.Module):
         feature_levels: decoder levels returned by ``forward(..., return_features=True)``.
         embed_dim: channels of each projected feature map.
         multicure: insert a :class:`MultiCURE` block after the decoder stage at ``multicure_level``.
-        multicure_level: decoder level of the MultiCURE block.
-        multicure_kwargs: extra keyword arguments of :class:`MultiCURE`.
+        multicure_level: decoder level of the MultiCURE block (2: quarter resolution, the bundle's; 1: the paper's).
+        multicure_form: :class:`MultiCURE` form, ``"authors"`` (the bundle's) or ``"paper"``; ``None``: the block's
+            own arguments as given.
+        multicure_kwargs: extra keyword arguments of :class:`MultiCURE` (a ``form`` there wins).
         pad_to_multiple: pad inputs whose size is not divisible by ``2 ** (len(channels) - 1)`` and crop back.
     """
 
@@ -198,7 +200,8 @@ class VNetBase(nn.Module):
         feature_levels: Sequence[int] = (0, 1, 2),
         embed_dim: int = 32,
         multicure: bool = False,
-        multicure_level: int = 1,
+        multicure_level: int = 2,
+        multicure_form: str | None = "authors",
         multicure_kwargs: dict | None = None,
         pad_to_multiple: bool = True,
     ) -> None:
@@ -223,7 +226,7 @@ class VNetBase(nn.Module):
             norm=norm,
             dropout=dropout,
             multicure_level=multicure_level if multicure else None,
-            multicure_kwargs=multicure_kwargs,
+            multicure_kwargs={"form": multicure_form, **(multicure_kwargs or {})},
         )
         self.out_dropout = Dropout[Dropout.DROPOUT, spatial_dims](dropout)
         conv_type = Conv[Conv.CONV, spatial_dims]
@@ -315,8 +318,10 @@ class VNet(VNetBase):
             ``return_features=True``.
         embed_dim: channels of the projected features.
         multicure: apply a :class:`MultiCURE` block to the decoder stage output at ``multicure_level``.
-        multicure_level: decoder level of the MultiCURE block (0..3).
-        multicure_kwargs: extra keyword arguments of :class:`MultiCURE`.
+        multicure_level: decoder level of the MultiCURE block (0..3; 2: quarter resolution, the bundle's; 1: half,
+            the paper's).
+        multicure_form: :class:`MultiCURE` form, ``"authors"`` (the bundle's) or ``"paper"``.
+        multicure_kwargs: extra keyword arguments of :class:`MultiCURE` (a ``form`` there wins).
         pad_to_multiple: pad inputs not divisible by 16 at the end of each axis and crop the outputs back.
 
     Example::
@@ -339,7 +344,8 @@ class VNet(VNetBase):
         feature_levels: Sequence[int] = (0, 1, 2),
         embed_dim: int = 32,
         multicure: bool = False,
-        multicure_level: int = 1,
+        multicure_level: int = 2,
+        multicure_form: str | None = "authors",
         multicure_kwargs: dict | None = None,
         pad_to_multiple: bool = True,
     ) -> None:
@@ -356,6 +362,7 @@ class VNet(VNetBase):
             embed_dim=embed_dim,
             multicure=multicure,
             multicure_level=multicure_level,
+            multicure_form=multicure_form,
             multicure_kwargs=multicure_kwargs,
             pad_to_multiple=pad_to_multiple,
         )

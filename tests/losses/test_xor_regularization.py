@@ -7,6 +7,9 @@ import torch
 
 from multicure_monai.losses.xor_regularization import XORRegularizationLoss
 
+#: the paper's reading (the tests below were written for it; the defaults are the bundle's)
+PAPER = {"normalization": "xor", "confidence_threshold": None}
+
 
 def _binary(fg: list[float]) -> torch.Tensor:
     """(1, 2, 4, 1, 1) probabilities from foreground probabilities of four voxels."""
@@ -22,13 +25,13 @@ B = _binary([0.8, 0.7, 0.4, 0.1])
 
 @pytest.mark.parametrize("reduction, expected", [("mean", 0.7), ("sum", 1.4)])
 def test_hand_computed(reduction: str, expected: float) -> None:
-    loss = XORRegularizationLoss(reduction)(A, B)
+    loss = XORRegularizationLoss(reduction, **PAPER)(A, B)
     assert loss.shape == ()
     assert float(loss) == pytest.approx(expected, abs=1e-6)
 
 
 def test_none_reduction_map() -> None:
-    out = XORRegularizationLoss("none")(A, B)
+    out = XORRegularizationLoss("none", **PAPER)(A, B)
     assert out.shape == (1, 1, 4, 1, 1)
     torch.testing.assert_close(out.flatten(), torch.tensor([0.0, 1.0, 0.4, 0.0]))
 
@@ -37,7 +40,7 @@ def test_three_class_hand_computed() -> None:
     a = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]]).t().reshape(1, 3, 2, 1)  # argmax [0, 2]
     b = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.5, 0.3]]).t().reshape(1, 3, 2, 1)  # argmax [0, 1]
     # only voxel 1 disagrees: |0.1-0.2| + |0.3-0.5| + |0.6-0.3| = 0.6
-    assert float(XORRegularizationLoss()(a, b)) == pytest.approx(0.6, abs=1e-6)
+    assert float(XORRegularizationLoss(**PAPER)(a, b)) == pytest.approx(0.6, abs=1e-6)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
@@ -47,7 +50,7 @@ def test_zero_and_graph_connected_when_nets_agree(reduction: str, shape: tuple[i
     logits = torch.randn(shape, requires_grad=True)
     a = torch.softmax(logits, dim=1)
     b = torch.softmax(logits.detach() * 2.0, dim=1)  # same argmax, different probabilities
-    loss = XORRegularizationLoss(reduction)(a, b)
+    loss = XORRegularizationLoss(reduction, **PAPER)(a, b)
     assert float(loss.detach()) == 0.0
     loss.backward()
     assert logits.grad is not None and float(logits.grad.abs().sum()) == 0.0
@@ -60,14 +63,14 @@ def test_binary_mask_is_xor_of_foregrounds(seed: int) -> None:
     b = torch.softmax(torch.randn(2, 2, 5, 5, 5), dim=1)
     xor = (a[:, 1:] > 0.5) ^ (b[:, 1:] > 0.5)
     expected = 2.0 * (a[:, 1:] - b[:, 1:]).abs() * xor
-    torch.testing.assert_close(XORRegularizationLoss("none")(a, b), expected)
-    torch.testing.assert_close(XORRegularizationLoss()(a, b), expected.sum() / xor.sum())
+    torch.testing.assert_close(XORRegularizationLoss("none", **PAPER)(a, b), expected)
+    torch.testing.assert_close(XORRegularizationLoss(**PAPER)(a, b), expected.sum() / xor.sum())
 
 
 def test_gradient_reaches_both_inputs_only_on_disagreement() -> None:
     a = A.clone().requires_grad_(True)
     b = B.clone().requires_grad_(True)
-    XORRegularizationLoss()(a, b).backward()
+    XORRegularizationLoss(**PAPER)(a, b).backward()
     disagree = torch.tensor([False, True, True, False])
     for g in (a.grad, b.grad):
         per_voxel = g.abs().sum(dim=1).flatten()
@@ -80,7 +83,7 @@ def test_validation() -> None:
     with pytest.raises(ValueError, match="reduction"):
         XORRegularizationLoss("max")
     with pytest.raises(ValueError, match="same shape"):
-        XORRegularizationLoss()(torch.rand(1, 2, 4, 4), torch.rand(1, 2, 4, 5))
+        XORRegularizationLoss(**PAPER)(torch.rand(1, 2, 4, 4), torch.rand(1, 2, 4, 5))
 
 
 @pytest.mark.parametrize(
