@@ -31,8 +31,8 @@ TRAIN = REPO / "bundle" / "configs" / "train.yaml"
 S = 16
 
 
-def _nii(path: Path, array: np.ndarray) -> str:
-    nib.save(nib.Nifti1Image(array, np.eye(4)), str(path))
+def _nii(path: Path, array: np.ndarray, spacing: tuple[float, ...] = (1.0, 1.0, 1.0)) -> str:
+    nib.save(nib.Nifti1Image(array, np.diag([*spacing, 1.0])), str(path))
     return str(path)
 
 
@@ -128,6 +128,21 @@ def _small_image(tmp):
     return item, "label", {"roi_size": (24, 16, 8)}, "image"
 
 
+def _other_grid(tmp):
+    """The label at 5x the image's spacing, same shape: a mask drawn on another grid."""
+    item = _good(tmp)
+    label = np.asarray(nib.load(item["label"]).dataobj)
+    _nii(Path(item["label"]), label, spacing=(5.0, 5.0, 5.0))
+    return item, "label", {}, "label"
+
+
+def _anisotropic(tmp):
+    item = _good(tmp)
+    for key in ("image", "label"):
+        _nii(Path(item[key]), np.asarray(nib.load(item[key]).dataobj), spacing=(0.2, 0.2, 10.0))
+    return item, "label", {}, "image"
+
+
 CASES = [
     ("missing file", _missing, "image file not found", "error"),
     ("corrupt NIfTI", _corrupt_nifti, "cannot be read, corrupt or truncated?", "error"),
@@ -140,7 +155,11 @@ CASES = [
     ("NaN in image", _nan_image, "image contains NaN/Inf values (1 NaN, 0 Inf)", "error"),
     ("Inf in unlabelled image", _inf_image, "image contains NaN/Inf values (0 NaN, 1 Inf)", "error"),
     ("patch larger than image", _small_image,
-     "smaller than the patch roi_size=(24, 16, 8); it is zero-padded to (24, 16, 16)", "warning"),
+     "1 image is smaller than the patch roi_size=(24, 16, 8); zero-padded before cropping", "warning"),
+    ("label on another grid", _other_grid,
+     "label grid differs from image", "error"),
+    ("anisotropic voxels", _anisotropic,
+     "strongly anisotropic voxels (largest spacing > 5 x smallest)", "warning"),
 ]  # fmt: skip
 
 
