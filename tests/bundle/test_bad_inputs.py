@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from multicure_monai.data.datalist import validate_datalist, validate_datalists
 from multicure_monai.engines.config_checks import check_training_config, check_writable_folders
-from multicure_monai.errors import BundleInputError
+from multicure_monai.errors import BundleInputError, find_bundle_input_error
 from multicure_monai.engines.semi_supervised_trainer import SemiSupervisedTrainer
 from multicure_monai.losses.pseudo_label import PseudoLabelLoss
 
@@ -287,6 +287,45 @@ def test_empty_labels_one_warning_with_the_count(tmp_path: Path) -> None:
     assert all(item["label"] in messages[0] for item in items[:3]) and items[3]["label"] not in messages[0]
 
 
+@pytest.mark.parametrize("configs", [["train.yaml"], ["train.yaml", "evaluate.yaml"], ["inference.yaml"]])
+def test_each_workflow_checks_its_own_lists(tmp_path: Path, configs: list[str]) -> None:
+    """Training checks all three lists, evaluating the validation list, inference its input images."""
+    from monai.bundle import ConfigParser
+
+    cases = [_good(tmp_path, f"c{i}") for i in range(3)]
+    for case in cases:
+        Path(case["label"]).unlink()  # no label anywhere: only a list read with labels fails
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"training": cases[:1], "unlabeled": cases[1:2], "validation": cases[2:]}))
+    parser = ConfigParser()
+    parser.read_config([str(REPO / "bundle" / "configs" / c) for c in configs])
+    parser.update({"bundle_root": str(tmp_path / "root"), "datalist": str(datalist)})
+    expected = {"train.yaml": ["training", "validation"], "evaluate.yaml": ["validation"]}.get(configs[-1])
+    if expected is None:
+        assert parser.get_parsed_content("datalist_check")
+        return
+    with pytest.raises(RuntimeError) as err:  # MONAI wraps the error of a component
+        parser.get_parsed_content("datalist_check")
+    error = find_bundle_input_error(err.value)
+    assert isinstance(error, FileNotFoundError), err.value
+    assert [ln.split(":")[0].strip() for ln in str(error).splitlines()[1:]] == expected, str(error)
+
+
+@pytest.mark.parametrize("config", ["inference.yaml", "train.yaml"])
+def test_validation_and_inference_pad_an_image_smaller_than_the_patch(config: str) -> None:
+    """The sliding-window inferer of validation and inference pads a small image and returns its own shape."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundle" / "configs" / config))
+    parser.update({"roi_size": [32, 32, 32], "sw_stride": [16, 16, 16], "sw_batch_size": 1})
+    inferer = parser.get_parsed_content("inferer")
+    image = torch.rand(1, 1, 16, 40, 8)
+    out = inferer(image, lambda x: torch.cat([x, 1 - x], dim=1))
+    assert out.shape == (1, 2, 16, 40, 8)
+    torch.testing.assert_close(out[:, :1], image)
+
+
 @pytest.mark.parametrize("where", ["under a regular file", "a regular file", "read-only parent"])
 def test_output_folder_not_writable(tmp_path: Path, where: str) -> None:
     blocker = tmp_path / "results.txt"
@@ -355,6 +394,7 @@ def test_bundle_lists_every_datalist_problem_last(tmp_path: Path) -> None:
     lists = {"training": cases[:1], "unlabeled": [{"image": cases[1]["image"]}], "validation": cases[2:]}
     error = _last_error(_run_bundle(tmp_path, "training", "--datalist", _datalist(tmp_path, lists)))
     print(error)
+    assert len(error.splitlines()) == 4  # the head and one line per problem: nothing after them
     assert error.startswith("BundleInputError: datalist check (training, unlabeled, validation) failed with 3 problems")
     assert f"training: {cases[0]['label']}: label file not found" in error
     assert f"unlabeled: {cases[1]['image']}: image file not found" in error
