@@ -66,10 +66,13 @@ def test_other_errors_keep_their_traceback(monkeypatch: pytest.MonkeyPatch) -> N
     assert calls and calls[0][1] is outer
 
 
-def test_importing_installs_the_hook_once() -> None:
-    assert sys.excepthook is bundle_cli._excepthook
+def test_install_chains_to_the_previous_hook_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)
+    monkeypatch.setitem(bundle_cli._state, "previous_hook", None)
     bundle_cli.install_excepthook()
-    assert bundle_cli._state["previous_hook"] is not bundle_cli._excepthook
+    bundle_cli.install_excepthook()
+    assert sys.excepthook is bundle_cli._excepthook
+    assert bundle_cli._state["previous_hook"] is sys.__excepthook__
 
 
 @pytest.mark.parametrize(
