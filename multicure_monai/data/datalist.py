@@ -11,8 +11,8 @@ through it). Each job lives in its own module:
   :func:`multicure_monai.data.la_h5.kfold_datalists`);
 - :mod:`multicure_monai.data.image_folders`: :func:`list_images` (a folder of images) and
   :func:`studies_unlabeled` (a MONAI Label studies folder), :data:`IMAGE_SUFFIXES`;
-- :mod:`multicure_monai.data.datalist_check`: :func:`validate_datalist`, every problem of a datalist
-  reported at once before training.
+- :mod:`multicure_monai.data.datalist_check`: :func:`validate_datalist` and :func:`validate_datalists`, every
+  problem of a datalist (or of all lists of a run) reported at once before training.
 
 Imports go one way: ``datalist_check -> la_h5 -> datalist_io, kfold``; nothing here is imported by
 :mod:`multicure_monai.data.la_h5`.
@@ -20,7 +20,7 @@ Imports go one way: ``datalist_check -> la_h5 -> datalist_io, kfold``; nothing h
 
 from __future__ import annotations
 
-from multicure_monai.data.datalist_check import validate_datalist
+from multicure_monai.data.datalist_check import validate_datalist, validate_datalists
 from multicure_monai.data.datalist_io import DATALIST_KEYS, load_datalist, write_datalist
 from multicure_monai.data.image_folders import IMAGE_SUFFIXES, list_images, studies_unlabeled
 from multicure_monai.data.kfold import kfold_datalist, kfold_split
@@ -34,5 +34,6 @@ __all__ = [
     "kfold_split",
     "kfold_datalist",
     "validate_datalist",
+    "validate_datalists",
     "studies_unlabeled",
 ]

@@ -24,6 +24,8 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from multicure_monai.errors import BundleInputError, MissingFileError
+
 __all__ = ["DATALIST_KEYS", "load_datalist", "write_datalist"]
 
 
@@ -47,24 +49,24 @@ def load_datalist(
         absolute path.
 
     Raises:
-        FileNotFoundError: ``path`` does not exist.
-        ValueError: the file is not valid JSON, or ``key`` is missing (the message lists the keys present).
+        MissingFileError: ``path`` does not exist (a ``FileNotFoundError``).
+        BundleInputError: the file is not valid JSON, or ``key`` is missing (the message lists the keys present).
     """
     from monai.data import load_decathlon_datalist
 
     path = os.path.abspath(os.fspath(path))
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"datalist file not found: {path}")
+        raise MissingFileError(f"datalist file not found: {path} (check --datalist)")
     try:
         with open(path) as f:
             content = json.load(f)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not a valid JSON datalist ({e})") from e
+        raise BundleInputError(f"{path}: not a valid JSON datalist ({e})") from e
     if isinstance(content, dict) and key not in content and missing_ok:
         return []
     if not isinstance(content, dict) or key not in content:
         present = sorted(content) if isinstance(content, dict) else []
-        raise ValueError(f"{path}: datalist has no key {key!r}; keys present: {present}")
+        raise BundleInputError(f"{path}: datalist has no key {key!r}; keys present: {present}")
     if base_dir is None:
         base_dir = os.path.dirname(path)
     items = load_decathlon_datalist(path, is_segmentation=True, data_list_key=key, base_dir=base_dir)

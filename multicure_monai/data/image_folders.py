@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 
+from multicure_monai.errors import BundleInputError, MissingFileError
+
 __all__ = ["IMAGE_SUFFIXES", "list_images", "studies_unlabeled"]
 
 
@@ -29,18 +31,18 @@ def list_images(folder: str | os.PathLike, suffixes: Sequence[str] = IMAGE_SUFFI
         Entries with absolute paths, sorted by path.
 
     Raises:
-        FileNotFoundError: ``folder`` is not a directory.
-        ValueError: no image file found.
+        MissingFileError: ``folder`` is not a directory (a ``FileNotFoundError``).
+        BundleInputError: no image file found.
     """
     folder = os.path.abspath(os.fspath(folder))
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"image folder not found: {folder}")
+        raise MissingFileError(f"image folder not found: {folder}")
     suffixes = tuple(s.lower() for s in suffixes)
     found = sorted(
         os.path.join(d, f) for d, _, files in os.walk(folder) for f in files if f.lower().endswith(suffixes)
     )
     if not found:
-        raise ValueError(f"{folder}: no image files ({', '.join(suffixes)}) found")
+        raise BundleInputError(f"{folder}: no image files ({', '.join(suffixes)}) found")
     return [{"image": p} for p in found]
 
 

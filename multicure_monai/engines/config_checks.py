@@ -3,19 +3,23 @@
 MONAI's config parser checks syntax and references, not values; a threshold of ``7`` or ``-300`` iterations
 would otherwise surface (if at all) deep inside a training run, or be silently clamped
 (``max_epochs: max(1, max_iterations // val_interval)``). :func:`check_training_config` reports every value
-out of range in one ``ValueError``, one line per value, naming the config id to override.
+out of range in one :class:`~multicure_monai.errors.BundleInputError`, one line per value, naming the config id
+to override. :func:`check_writable_folders` (also part of it) finds an output folder that cannot be created or
+written before the run does any work, rather than when the first file is saved.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+from multicure_monai.errors import BundleInputError
 from multicure_monai.networks.multicure import MULTICURE_FORMS
 
-__all__ = ["check_training_config"]
+__all__ = ["check_training_config", "check_writable_folders", "folder_problems"]
 
 
 def _is_int(v: Any) -> bool:
@@ -46,8 +50,9 @@ def check_training_config(
     sw_stride: Sequence[Any] | None = None,
     switches: dict[str, Any] | None = None,
     multicure_form: Any = None,
+    folders: Mapping[str, Any] | None = None,
 ) -> bool:
-    """Raise one ``ValueError`` listing every config value out of range; return ``True`` when all are fine.
+    """Raise one :class:`BundleInputError` listing every config value out of range; ``True`` when all are fine.
 
     Rules: ``max_iterations``, ``val_interval``, batch sizes, ``in_channels`` are positive integers,
     ``num_classes >= 2``; ``checkpoint_interval`` is a positive multiple of ``val_interval`` (resume
@@ -57,7 +62,9 @@ def check_training_config(
     stride not larger than the patch; every entry of ``switches`` (on/off options such as ``use_contrastive``)
     is a real boolean: ``monai.bundle``'s command line (fire) reads ``--use_contrastive false`` as the string
     ``'false'``, which Python treats as true, so a lower-case value would silently switch the option ON.
-    ``multicure_form`` is a key of :data:`~multicure_monai.networks.MULTICURE_FORMS`.
+    ``multicure_form`` is a key of :data:`~multicure_monai.networks.MULTICURE_FORMS`. Every entry of
+    ``folders`` (config id -> path, e.g. ``model_dir``, ``ckpt_dir``, ``output_dir``) can be created and
+    written (:func:`folder_problems`).
     """
     problems: list[str] = []
 
@@ -114,8 +121,50 @@ def check_training_config(
             bad(name, value, f"must be True or False (capitalised on the command line: --{name} False)")
     if multicure_form is not None and multicure_form not in MULTICURE_FORMS:
         bad("multicure_form", multicure_form, f"must be one of {sorted(MULTICURE_FORMS)}")
+    problems += folder_problems(folders or {})
     if problems:
         n = len(problems)
         head = f"config check failed with {n} value{'s' if n > 1 else ''} out of range:"
-        raise ValueError(head + "\n  " + "\n  ".join(problems))
+        raise BundleInputError(head + "\n  " + "\n  ".join(problems))
+    return True
+
+
+def folder_problems(folders: Mapping[str, Any]) -> list[str]:
+    """One line per folder that cannot be created or written, naming its config id; ``[]`` when all can.
+
+    A folder is fine when it is a writable directory, or when it does not exist yet and its nearest existing
+    parent is a writable directory (the run creates it). Nothing is created here.
+
+    Args:
+        folders: config id -> folder path, e.g. ``{"model_dir": ..., "output_dir": ...}``.
+    """
+    problems = []
+    for name, value in folders.items():
+        if value is None:
+            continue
+        path = os.path.abspath(os.fspath(value))
+        existing = path
+        while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+            existing = os.path.dirname(existing)
+        fix = f"(choose another folder with --{name})"
+        if not os.path.isdir(existing):
+            where = "is" if existing == path else f"is under {existing}, which is"
+            problems.append(f"{name}={path}: {where} a regular file, not a folder {fix}")
+        elif not os.access(existing, os.W_OK | os.X_OK):
+            where = "" if existing == path else f" (its nearest existing parent {existing})"
+            problems.append(f"{name}={path}: folder{where} is not writable {fix}")
+    return problems
+
+
+def check_writable_folders(folders: Mapping[str, Any]) -> bool:
+    """Raise one :class:`BundleInputError` naming every folder of ``folders`` that cannot be written; else True.
+
+    Args:
+        folders: config id -> folder path (see :func:`folder_problems`).
+    """
+    problems = folder_problems(folders)
+    if problems:
+        n = len(problems)
+        head = f"{n} output folder{'s' if n > 1 else ''} cannot be written:"
+        raise BundleInputError(head + "\n  " + "\n  ".join(problems))
     return True

@@ -1,13 +1,15 @@
 """Bad input gets one clear error (or warning), early, naming the file and what is wrong.
 
-Each case builds a tiny dataset (16^3) with one defect and runs the checks the training bundle runs in its
-``initialize`` (``validate_datalist`` per list, ``check_training_config``), or the trainer's empty-unlabelled
-fallback; two cases go through ``python -m monai.bundle run training`` to show the run stops before training.
+Each case builds a tiny dataset (16^3) with one defect and runs the checks the bundle runs in its
+``initialize`` (``validate_datalist(s)``, ``check_training_config``, the folder check), or the trainer's
+empty-unlabelled fallback. The slow cases go through ``python -m monai.bundle run training|evaluating|inference``
+to show the run stops in ``initialize``, before any work, with the error as the last lines of its output.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import warnings
@@ -21,19 +23,20 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from multicure_monai.data.datalist import validate_datalist
-from multicure_monai.engines.config_checks import check_training_config
+from multicure_monai.data.datalist import validate_datalist, validate_datalists
+from multicure_monai.engines.config_checks import check_training_config, check_writable_folders
 from multicure_monai.engines.loss_terms import method_loss_terms
+from multicure_monai.errors import BundleInputError, find_bundle_input_error
 from multicure_monai.engines.semi_supervised_trainer import SemiSupervisedTrainer
 from multicure_monai.losses.pseudo_label import PseudoLabelLoss
 
 REPO = Path(__file__).resolve().parents[2]
-TRAIN = REPO / "bundle" / "configs" / "train.yaml"
+TRAIN, EVALUATE, INFER = (REPO / "bundle" / "configs" / f for f in ("train.yaml", "evaluate.yaml", "inference.yaml"))
 S = 16
 
 
-def _nii(path: Path, array: np.ndarray) -> str:
-    nib.save(nib.Nifti1Image(array, np.eye(4)), str(path))
+def _nii(path: Path, array: np.ndarray, spacing: tuple[float, ...] = (1.0, 1.0, 1.0)) -> str:
+    nib.save(nib.Nifti1Image(array, np.diag([*spacing, 1.0])), str(path))
     return str(path)
 
 
@@ -129,6 +132,21 @@ def _small_image(tmp):
     return item, "label", {"roi_size": (24, 16, 8)}, "image"
 
 
+def _other_grid(tmp):
+    """The label at 5x the image's spacing, same shape: a mask drawn on another grid."""
+    item = _good(tmp)
+    label = np.asarray(nib.load(item["label"]).dataobj)
+    _nii(Path(item["label"]), label, spacing=(5.0, 5.0, 5.0))
+    return item, "label", {}, "label"
+
+
+def _anisotropic(tmp):
+    item = _good(tmp)
+    for key in ("image", "label"):
+        _nii(Path(item[key]), np.asarray(nib.load(item[key]).dataobj), spacing=(0.2, 0.2, 10.0))
+    return item, "label", {}, "image"
+
+
 CASES = [
     ("missing file", _missing, "image file not found", "error"),
     ("corrupt NIfTI", _corrupt_nifti, "cannot be read, corrupt or truncated?", "error"),
@@ -141,7 +159,11 @@ CASES = [
     ("NaN in image", _nan_image, "image contains NaN/Inf values (1 NaN, 0 Inf)", "error"),
     ("Inf in unlabelled image", _inf_image, "image contains NaN/Inf values (0 NaN, 1 Inf)", "error"),
     ("patch larger than image", _small_image,
-     "smaller than the patch roi_size=(24, 16, 8); it is zero-padded to (24, 16, 16)", "warning"),
+     "1 image is smaller than the patch roi_size=(24, 16, 8); zero-padded before cropping", "warning"),
+    ("label on another grid", _other_grid,
+     "label grid differs from image", "error"),
+    ("anisotropic voxels", _anisotropic,
+     "strongly anisotropic voxels (largest spacing > 5 x smallest)", "warning"),
 ]  # fmt: skip
 
 
@@ -222,32 +244,202 @@ def test_empty_unlabelled_set(mode: str) -> None:
         print(f"[empty unlabelled, error] {err.value}")
 
 
+def test_all_lists_in_one_error(tmp_path: Path) -> None:
+    """A missing training label, a missing unlabelled image and a validation label on another grid: one message."""
+    cases = [_good(tmp_path, f"c{i}") for i in range(3)]
+    Path(cases[0]["label"]).unlink()
+    Path(cases[1]["image"]).unlink()
+    _nii(Path(cases[2]["label"]), np.zeros((S, S, S), np.uint8), spacing=(1.0, 1.0, 2.0))
+    lists = {"training": cases[:1], "unlabeled": [{"image": cases[1]["image"]}], "validation": cases[2:]}
+    with pytest.raises(BundleInputError) as err:
+        validate_datalists(lists, unlabelled_lists=["unlabeled"], patch_lists=["training"], roi_size=(16, 16, 16))
+    message = str(err.value)
+    print(message)
+    assert message.startswith("datalist check (training, unlabeled, validation) failed with 3 problems:")
+    assert f"training: {cases[0]['label']}: label file not found" in message
+    assert f"unlabeled: {cases[1]['image']}: image file not found" in message
+    assert f"validation: {cases[2]['label']}: label grid differs from image" in message
+    assert "spacing (1, 1, 2) vs image (1, 1, 1)" in message and "ResampleToMatch" in message
+
+
+@pytest.mark.parametrize("shift, tolerated", [(1e-5, True), (0.5, False)])
+def test_label_origin_within_tolerance(tmp_path: Path, shift: float, tolerated: bool) -> None:
+    item = _good(tmp_path)
+    label = nib.load(item["label"])
+    affine = label.affine.copy()
+    affine[0, 3] += shift
+    nib.save(nib.Nifti1Image(np.asarray(label.dataobj), affine), item["label"])
+    if tolerated:
+        validate_datalist([item])
+    else:
+        with pytest.raises(BundleInputError, match=r"label grid differs from image .*\(origin \(0\.5, 0, 0\) vs"):
+            validate_datalist([item])
+
+
+def test_empty_labels_one_warning_with_the_count(tmp_path: Path) -> None:
+    items = [_good(tmp_path, f"c{i}") for i in range(4)]
+    for item in items[:3]:
+        _nii(Path(item["label"]), np.zeros((S, S, S), np.uint8))
+    with pytest.warns(UserWarning) as rec:
+        assert validate_datalists({"training": items[:2], "validation": items[2:]})
+    messages = [str(w.message) for w in rec if "empty" in str(w.message)]
+    assert len(messages) == 1, messages
+    assert messages[0].startswith("label is empty (all background) in 3 of 4 labels: ")
+    assert all(item["label"] in messages[0] for item in items[:3]) and items[3]["label"] not in messages[0]
+
+
+@pytest.mark.parametrize("configs", [["train.yaml"], ["train.yaml", "evaluate.yaml"], ["inference.yaml"]])
+def test_each_workflow_checks_its_own_lists(tmp_path: Path, configs: list[str]) -> None:
+    """Training checks all three lists, evaluating the validation list, inference its input images."""
+    from monai.bundle import ConfigParser
+
+    cases = [_good(tmp_path, f"c{i}") for i in range(3)]
+    for case in cases:
+        Path(case["label"]).unlink()  # no label anywhere: only a list read with labels fails
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"training": cases[:1], "unlabeled": cases[1:2], "validation": cases[2:]}))
+    parser = ConfigParser()
+    parser.read_config([str(REPO / "bundle" / "configs" / c) for c in configs])
+    parser.update({"bundle_root": str(tmp_path / "root"), "datalist": str(datalist)})
+    expected = {"train.yaml": ["training", "validation"], "evaluate.yaml": ["validation"]}.get(configs[-1])
+    if expected is None:
+        assert parser.get_parsed_content("datalist_check")
+        return
+    with pytest.raises(RuntimeError) as err:  # MONAI wraps the error of a component
+        parser.get_parsed_content("datalist_check")
+    error = find_bundle_input_error(err.value)
+    assert isinstance(error, FileNotFoundError), err.value
+    assert [ln.split(":")[0].strip() for ln in str(error).splitlines()[1:]] == expected, str(error)
+
+
+@pytest.mark.parametrize("config", ["inference.yaml", "train.yaml"])
+def test_validation_and_inference_pad_an_image_smaller_than_the_patch(config: str) -> None:
+    """The sliding-window inferer of validation and inference pads a small image and returns its own shape."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundle" / "configs" / config))
+    parser.update({"roi_size": [32, 32, 32], "sw_stride": [16, 16, 16], "sw_batch_size": 1})
+    inferer = parser.get_parsed_content("inferer")
+    image = torch.rand(1, 1, 16, 40, 8)
+    out = inferer(image, lambda x: torch.cat([x, 1 - x], dim=1))
+    assert out.shape == (1, 2, 16, 40, 8)
+    torch.testing.assert_close(out[:, :1], image)
+
+
+@pytest.mark.parametrize("where", ["under a regular file", "a regular file", "read-only parent"])
+def test_output_folder_not_writable(tmp_path: Path, where: str) -> None:
+    blocker = tmp_path / "results.txt"
+    blocker.write_text("not a folder")
+    ok = tmp_path / "models"
+    if where == "under a regular file":
+        bad, expected = blocker / "eval", f"is under {blocker}, which is a regular file, not a folder"
+    elif where == "a regular file":
+        bad, expected = blocker, "is a regular file, not a folder"
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes to read-only folders")
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        bad, expected = locked / "eval", f"folder (its nearest existing parent {locked}) is not writable"
+    assert check_writable_folders({"model_dir": ok})
+    with pytest.raises(BundleInputError) as err:
+        check_writable_folders({"model_dir": ok, "output_dir": bad})
+    print(err.value)
+    assert str(err.value).startswith("1 output folder cannot be written:")
+    assert f"output_dir={bad}: {expected} (choose another folder with --output_dir)" in str(err.value)
+
+
 # ------------------------------------------------------------------ through the bundle: fails before training
+
+_HINT = "The run stopped on a problem in its input (full traceback: MULTICURE_DEBUG=1 or --debug True):"
+
+
+def _run_bundle(tmp_path: Path, workflow: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle run <workflow>`` with tiny-geometry overrides; the bundle root under tmp_path."""
+    configs = {"training": [TRAIN], "evaluating": [TRAIN, EVALUATE], "inference": [INFER]}[workflow]
+    config_file = str(configs[0]) if len(configs) == 1 else str([str(c) for c in configs])
+    cmd = [sys.executable, "-m", "monai.bundle", "run", workflow, "--config_file", config_file,
+           "--bundle_root", str(tmp_path / "root"), "--roi_size", "[16,16,16]", "--sw_stride", "[16,16,16]",
+           "--num_workers", "0", *args]  # fmt: skip
+    if workflow != "inference":
+        cmd += ["--max_iterations", "2", "--val_interval", "2"]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
+
+
+def _last_error(proc: subprocess.CompletedProcess) -> str:
+    """The error the run ended with: asserted to be the last lines of its output, with no traceback."""
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr and "Failed to " not in proc.stderr, proc.stderr[-3000:]
+    lines = proc.stderr.rstrip().splitlines()
+    assert _HINT in lines, proc.stderr[-3000:]
+    error = "\n".join(lines[lines.index(_HINT) + 1 :])
+    assert error.startswith(("BundleInputError: ", "MissingFileError: ")), error
+    assert "Engine run" not in proc.stdout + proc.stderr  # no training or inference iteration was started
+    return error
+
+
+def _datalist(tmp_path: Path, lists: dict) -> str:
+    path = tmp_path / "data" / "datalist.json"
+    path.write_text(json.dumps(lists))
+    return str(path)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("defect", ["missing label", "threshold out of range"])
-def test_bundle_stops_before_training(tmp_path: Path, defect: str) -> None:
-    data = tmp_path / "data"
-    data.mkdir()
-    cases = [_good(data, f"c{i}") for i in range(2)]
-    overrides = {"roi_size": "[16,16,16]", "sw_stride": "[16,16,16]", "num_workers": "0", "max_iterations": "2",
-                 "val_interval": "2"}  # fmt: skip
-    if defect == "missing label":
-        Path(cases[1]["label"]).unlink()
-        expected = f"{cases[1]['label']}: label file not found"
-    else:
-        overrides["pseudo_label_threshold"] = "1.5"
-        expected = "pseudo_label_threshold=1.5: must be a number in the open interval (0, 1)"
-    datalist = data / "datalist.json"
-    content = {"training": cases[:1], "unlabeled": [{"image": cases[1]["image"]}], "validation": cases[1:]}
-    datalist.write_text(json.dumps(content))
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(TRAIN),
-           "--bundle_root", str(tmp_path / "root"), "--datalist", str(datalist)]  # fmt: skip
-    for key, value in overrides.items():
-        cmd += [f"--{key}", value]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode != 0
-    assert expected in proc.stderr, proc.stderr[-3000:]
-    assert "Engine run" not in proc.stdout + proc.stderr  # no training iteration was started
+def test_bundle_lists_every_datalist_problem_last(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    cases = [_good(tmp_path / "data", f"c{i}") for i in range(3)]
+    Path(cases[0]["label"]).unlink()
+    Path(cases[1]["image"]).unlink()
+    _nii(Path(cases[2]["label"]), np.asarray(nib.load(cases[2]["label"]).dataobj), spacing=(5.0, 5.0, 5.0))
+    lists = {"training": cases[:1], "unlabeled": [{"image": cases[1]["image"]}], "validation": cases[2:]}
+    error = _last_error(_run_bundle(tmp_path, "training", "--datalist", _datalist(tmp_path, lists)))
+    print(error)
+    assert len(error.splitlines()) == 4  # the head and one line per problem: nothing after them
+    assert error.startswith("BundleInputError: datalist check (training, unlabeled, validation) failed with 3 problems")
+    assert f"training: {cases[0]['label']}: label file not found" in error
+    assert f"unlabeled: {cases[1]['image']}: image file not found" in error
+    assert f"validation: {cases[2]['label']}: label grid differs from image {cases[2]['image']}" in error
     assert not (tmp_path / "root" / "models").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "workflow, args, expected",
+    [
+        ("training", ["--use_multicur", "False"],
+         ["--use_multicur: no config id 'use_multicur' in train.yaml; did you mean --use_multicure",
+          "--allowed_new_ids \"['use_multicur']\""]),
+        ("evaluating", ["--validation_ky", "test"], ["did you mean --validation_key"]),
+        ("training", ["--pseudo_label_threshold", "1.5", "--output_dir", "{blocker}/eval"],
+         ["config check failed with 2 values out of range",
+          "pseudo_label_threshold=1.5: must be a number in the open interval (0, 1) (override with "
+          "--pseudo_label_threshold)",
+          "output_dir={blocker}/eval: is under {blocker}, which is a regular file, not a folder (choose another "
+          "folder with --output_dir)"]),
+        ("inference", ["--output_dir", "{blocker}/masks"],
+         ["output_dir={blocker}/masks: is under {blocker}, which is a regular file"]),
+        ("inference", ["--input_dir", "{tmp}/no_images"], ["{tmp}/no_images: no image files"]),
+    ],
+    ids=["misspelled override", "evaluating: misspelled override", "config values and output folder",
+         "inference: output folder", "inference: empty input folder"],
+)  # fmt: skip
+def test_bundle_stops_before_any_work(tmp_path: Path, workflow: str, args: list[str], expected: list[str]) -> None:
+    blocker = tmp_path / "results.txt"
+    blocker.write_text("a regular file")
+    (tmp_path / "no_images").mkdir()
+    fill = {"blocker": str(blocker), "tmp": str(tmp_path)}
+    error = _last_error(_run_bundle(tmp_path, workflow, *(a.format(**fill) for a in args)))
+    print(error)
+    for fragment in expected:
+        assert fragment.format(**fill) in error
+    assert not (tmp_path / "root" / "data").exists()  # failed before the phantom set was generated
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("env, args", [({"MULTICURE_DEBUG": "1"}, []), ({}, ["--debug", "True"])], ids=["env", "flag"])
+def test_debug_keeps_the_traceback(tmp_path: Path, env: dict, args: list[str]) -> None:
+    proc = _run_bundle(tmp_path, "training", "--use_multicur", "False", *args, env=env)
+    assert proc.returncode != 0
+    assert "Traceback" in proc.stderr and "Failed to instantiate" in proc.stderr and _HINT not in proc.stderr
+    assert "multicure_monai.errors.BundleInputError: unknown command-line override" in proc.stderr
