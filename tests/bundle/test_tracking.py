@@ -21,6 +21,8 @@ pytestmark = pytest.mark.slow
 def test_tracking_mlflow_holds_what_the_log_shows(make_phantoms, tmp_path: Path) -> None:
     datalist = make_phantoms("tracking")
     uri = path_to_sqlite_uri(str(tmp_path / "mlruns.db"))
+    client = mlflow.tracking.MlflowClient(uri)
+    killed = client.create_run(client.create_experiment("tiny"), run_name="killed").info.run_id  # left RUNNING
     overrides = {"bundle_root": str(tmp_path / "bundle"), "datalist": str(datalist), "max_iterations": "4",
                  "val_interval": "2", "roi_size": "[16,16,16]", "sw_stride": "[16,16,16]", "sw_batch_size": "2",
                  "num_workers": "0", "tracking": "mlflow", "tracking_uri": uri, "experiment_name": "tiny"}  # fmt: skip
@@ -29,9 +31,10 @@ def test_tracking_mlflow_holds_what_the_log_shows(make_phantoms, tmp_path: Path)
         cmd += [f"--{key}", value]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    client = mlflow.tracking.MlflowClient(uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    (run,) = [r for r in runs if r.info.run_id != killed]  # its own run, not the killed one continued
     assert run.info.status == "FINISHED"
+    assert not client.get_run(killed).data.metrics
     metrics = set(run.data.metrics)
     for net in ("", "predictive_", "auxiliary_"):
         assert {f"val_{net}mean_dice", f"val_{net}hd95"} <= metrics, metrics
