@@ -98,7 +98,8 @@ class ProcessLock:
                     next_warning += warn_after
                 time.sleep(poll)
         os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+        since = time.strftime("%Y-%m-%d %H:%M:%S")
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {since}\n".encode())
         self._fd = fd
         return True
 

@@ -143,7 +143,9 @@ def _flag(value: Any) -> str:
     return str(value)
 
 
-def check_architecture(path: str | os.PathLike, recorded: Mapping[str, Any] | None, expected: Mapping[str, Any]) -> None:
+def check_architecture(
+    path: str | os.PathLike, recorded: Mapping[str, Any] | None, expected: Mapping[str, Any]
+) -> None:
     """Compare the recorded switches of a checkpoint with the configured ones; one error naming every mismatch.
 
     Switches that only one side has are not compared (a record from a later version may hold more).

@@ -275,7 +275,9 @@ class AtomicCheckpointSaver(CheckpointSaver):
         for ckpt in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
             if ckpt is not None:
                 fixed = getattr(ckpt.save_handler, "filename", None)
-                ckpt.save_handler = AtomicDiskSaver(save_dir, filename=fixed, check_finite=check_finite, sidecar=sidecar)
+                ckpt.save_handler = AtomicDiskSaver(
+                    save_dir, filename=fixed, check_finite=check_finite, sidecar=sidecar
+                )
         if self._interval_checkpoint is not None:
             old = self._interval_checkpoint
             self._interval_checkpoint = Checkpoint(

@@ -22,11 +22,13 @@ def test_tracking_mlflow_holds_what_the_log_shows(make_phantoms, tmp_path: Path)
     datalist = make_phantoms("tracking")
     uri = path_to_sqlite_uri(str(tmp_path / "mlruns.db"))
     client = mlflow.tracking.MlflowClient(uri)
-    killed = client.create_run(client.create_experiment("tiny"), run_name="killed").info.run_id  # left RUNNING
+    experiment = client.create_experiment("tiny", artifact_location=(tmp_path / "artifacts").as_uri())
+    killed = client.create_run(experiment, run_name="killed").info.run_id  # left RUNNING by a killed training
     overrides = {"bundle_root": str(tmp_path / "bundle"), "datalist": str(datalist), "max_iterations": "4",
                  "val_interval": "2", "roi_size": "[16,16,16]", "sw_stride": "[16,16,16]", "sw_batch_size": "2",
                  "num_workers": "0", "tracking": "mlflow", "tracking_uri": uri, "experiment_name": "tiny"}  # fmt: skip
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(REPO / "bundle/configs/train.yaml")]
+    train = str(REPO / "bundle" / "configs" / "train.yaml")
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", train]
     for key, value in overrides.items():
         cmd += [f"--{key}", value]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
