@@ -29,6 +29,8 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from monai.handlers import CheckpointLoader
+
 from multicure_monai.errors import BundleInputError
 
 from .checkpoint_saver import atomic_write
@@ -213,9 +215,7 @@ def check_loaders(handlers: list, architecture: Mapping[str, Any]) -> list:
     Raises:
         BundleInputError: a loader's checkpoint records other switches (see :func:`check_architecture`).
     """
-    from monai.handlers import CheckpointLoader
-
-    from .checkpoint_loader import SafeCheckpointLoader
+    from .checkpoint_loader import SafeCheckpointLoader  # it imports this module
 
     for h in handlers:
         if isinstance(h, CheckpointLoader) and not isinstance(h, SafeCheckpointLoader):
