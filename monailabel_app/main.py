@@ -40,6 +40,7 @@ from monailabel.tasks.infer.bundle import BundleInferTask
 from monailabel.tasks.train.bundle import BundleTrainTask
 from monailabel.utils.others.generic import get_bundle_models, strtobool
 
+from multicure_monai.engines.checkpoint_architecture import check_architecture, read_architecture
 from multicure_monai.engines.checkpoint_loader import safe_load
 from multicure_monai.metrics.study_uncertainty import STUDY_MEASURES, STUDY_REGIONS, study_uncertainty
 
@@ -73,7 +74,9 @@ class DeployedModelUncertainty(ScoringMethod):
         parser["bundle_root"] = self.bundle_path
         parser["device"] = device
         network = parser.get_parsed_content("network")
-        state = safe_load(os.path.join(self.bundle_path, "models", "model.pt"), map_location=device)
+        model_file = os.path.join(self.bundle_path, "models", "model.pt")
+        check_architecture(model_file, read_architecture(model_file), parser.get_parsed_content("architecture"))
+        state = safe_load(model_file, map_location=device)
         network.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
         return parser, network.eval()
 

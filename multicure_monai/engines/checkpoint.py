@@ -12,12 +12,23 @@ from here):
   naming the file) and MONAI's loader on top of it, :class:`SafeCheckpointLoader`.
 * :mod:`~multicure_monai.engines.checkpoint_resume`: :func:`find_latest_checkpoint` and
   :class:`ResumeCheckpointLoader` (``resume: true | false | auto``).
+* :mod:`~multicure_monai.engines.checkpoint_architecture`: the switches that shape the networks, recorded
+  with each checkpoint and compared on loading (:func:`check_architecture`, :func:`check_loaders` for
+  MONAI's own loader).
 
 Each module's docstring says why MONAI's own handlers are not enough as they are.
 """
 
 from __future__ import annotations
 
+from .checkpoint_architecture import (
+    ARCHITECTURE_KEY,
+    ArchitectureRecord,
+    check_architecture,
+    check_loaders,
+    read_architecture,
+    sidecar_path,
+)
 from .checkpoint_loader import (
     _UNSAFE_MARKERS,  # noqa: F401 - importable from here before the split
     CorruptCheckpointError,
@@ -39,6 +50,12 @@ from .checkpoint_saver import (
 )
 
 __all__ = [
+    "ARCHITECTURE_KEY",
+    "ArchitectureRecord",
+    "check_architecture",
+    "check_loaders",
+    "read_architecture",
+    "sidecar_path",
     "TMP_SUFFIX",
     "UnsafeCheckpointError",
     "CorruptCheckpointError",

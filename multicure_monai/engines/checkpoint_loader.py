@@ -20,6 +20,8 @@ from ignite.engine import Engine
 from ignite.handlers import Checkpoint
 from monai.handlers import CheckpointLoader
 
+from .checkpoint_architecture import check_architecture, explain_load_error, read_architecture
+
 __all__ = ["UnsafeCheckpointError", "CorruptCheckpointError", "safe_load", "SafeCheckpointLoader"]
 
 # torch's weights-only unpickler messages for a refused object (vs. an unreadable stream: "Unsupported operand")
@@ -83,12 +85,25 @@ class SafeCheckpointLoader(CheckpointLoader):
     ``load_dict`` nor the loaded checkpoint is modified; the epoch-overflow error names the file.
 
     Same arguments as MONAI's loader, plus ``engine_key``: also restore the engine this handler is attached to
-    (ignite ``state_dict``: iteration, epoch) from that key of the checkpoint.
+    (ignite ``state_dict``: iteration, epoch) from that key of the checkpoint; and ``architecture``: the
+    switches that shape the configured networks, compared with the checkpoint's record before anything is
+    loaded (:mod:`~multicure_monai.engines.checkpoint_architecture`; one ``BundleInputError`` naming each
+    mismatch and its flag). A checkpoint without a record loads as before; if its weights do not fit, the
+    error names the switches to set instead of PyTorch's ``size mismatch`` list.
     """
 
-    def __init__(self, load_path: str, load_dict: dict, *args: Any, engine_key: str | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        load_path: str,
+        load_dict: dict,
+        *args: Any,
+        engine_key: str | None = None,
+        architecture: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ):
         super().__init__(load_path, dict(load_dict), *args, **kwargs)
         self.engine_key = engine_key
+        self.architecture = None if architecture is None else dict(architecture)
 
     def attach(self, engine: Engine) -> None:
         """Put ``engine`` into the objects to restore under ``engine_key`` (if given), then attach as MONAI does.
@@ -129,9 +144,15 @@ class SafeCheckpointLoader(CheckpointLoader):
             engine: the ignite engine this handler is attached to.
 
         Raises:
+            BundleInputError: the checkpoint records other architecture switches than ``architecture``, or
+                (without a record) its weights do not fit the networks.
             ValueError: the checkpoint's epoch is beyond the engine's ``max_epochs``.
         """
         checkpoint = self._read_checkpoint()
+        recorded = None
+        if self.architecture is not None:
+            recorded = read_architecture(self.load_path, checkpoint)
+            check_architecture(self.load_path, recorded, self.architecture)
         prior_max_epochs = engine.state.max_epochs
         load_dict = self.load_dict
         if not self.strict_shape:
@@ -146,7 +167,15 @@ class SafeCheckpointLoader(CheckpointLoader):
                 else:
                     warnings.warn("`strict_shape` is False, load checkpoint for model, skip others in `load_dict`.")
         load_dict = {key: obj for key, obj in load_dict.items() if key in checkpoint}
-        Checkpoint.load_objects(to_load=load_dict, checkpoint=dict(checkpoint), strict=self.strict)
+        try:
+            Checkpoint.load_objects(to_load=load_dict, checkpoint=dict(checkpoint), strict=self.strict)
+        except RuntimeError as e:
+            explained = None
+            if self.architecture is not None and recorded is None:
+                explained = explain_load_error(self.load_path, e, self.architecture)
+            if explained is None:
+                raise
+            raise explained from e
         if prior_max_epochs is not None and engine.state.epoch > prior_max_epochs:
             raise ValueError(
                 f"{self.load_path}: the checkpoint is at epoch {engine.state.epoch} (iteration "

@@ -161,13 +161,22 @@ class AtomicDiskSaver(BaseSaveHandler):
         dirname: folder of the checkpoints (created).
         filename: fixed filename for every save (e.g. ``model.pt``); ``None``: ignite's names.
         check_finite: refuse (``FloatingPointError``) to write a checkpoint with NaN/Inf in a float tensor.
+        sidecar: architecture switches to write next to each file as its side-car (for a bare state dict, see
+            :mod:`~multicure_monai.engines.checkpoint_architecture`); ``None``: no side-car.
     """
 
-    def __init__(self, dirname: str | os.PathLike, filename: str | None = None, check_finite: bool = True) -> None:
+    def __init__(
+        self,
+        dirname: str | os.PathLike,
+        filename: str | None = None,
+        check_finite: bool = True,
+        sidecar: Mapping[str, Any] | None = None,
+    ) -> None:
         self.dirname = os.path.abspath(os.fspath(dirname))
         os.makedirs(self.dirname, exist_ok=True)
         self.filename = filename
         self.check_finite = check_finite
+        self.sidecar = sidecar
         self._pending_removal: list[str] = []
         stale = remove_stale_partials(self.dirname)
         if stale:
@@ -194,11 +203,20 @@ class AtomicDiskSaver(BaseSaveHandler):
                     f"{' ...' if len(bad) > 5 else ''}; the previous checkpoint is kept."
                 )
         atomic_torch_save(checkpoint, path)
+        if self.sidecar is not None:
+            from .checkpoint_architecture import write_sidecar  # that module imports atomic_write from here
+
+            write_sidecar(path, self.sidecar)
         pending, self._pending_removal = self._pending_removal, []
         for old in pending:
             old_path = os.path.join(self.dirname, old)
             if old != name and os.path.isfile(old_path):
                 os.remove(old_path)
+                if self.sidecar is not None:
+                    from .checkpoint_architecture import sidecar_path
+
+                    if os.path.isfile(sidecar_path(old_path)):
+                        os.remove(sidecar_path(old_path))
 
     def remove(self, filename: str) -> None:
         """Defer the removal of ``filename`` until the next checkpoint has been written completely."""
@@ -220,6 +238,9 @@ class AtomicCheckpointSaver(CheckpointSaver):
             the newest ``n_saved`` remain.
         interval_score: name the interval checkpoints by ``"iteration"`` (default, also for epoch-level
             saving: ``checkpoint_iteration=N.pt``) or ``"epoch"`` (MONAI's naming).
+        architecture: the switches that shape the networks (the configs' ``architecture`` id), recorded with
+            every file: under the ``"architecture"`` key of a checkpoint of several objects, in a side-car file
+            next to a one-object checkpoint (ignite writes that as a bare state dict, e.g. ``model.pt``).
     """
 
     def __init__(
@@ -231,6 +252,7 @@ class AtomicCheckpointSaver(CheckpointSaver):
         check_finite: bool = True,
         prune_stale: bool = True,
         interval_score: str = "iteration",
+        architecture: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         if interval_score not in ("iteration", "epoch"):
@@ -238,6 +260,14 @@ class AtomicCheckpointSaver(CheckpointSaver):
         save_dict = dict(save_dict)
         if engine_key is not None:
             save_dict.setdefault(engine_key, _EnginePlaceholder())
+        sidecar = None
+        if architecture is not None:
+            from .checkpoint_architecture import ARCHITECTURE_KEY, ArchitectureRecord
+
+            if len(save_dict) > 1:
+                save_dict[ARCHITECTURE_KEY] = ArchitectureRecord(architecture)
+            else:
+                sidecar = dict(architecture)
         super().__init__(save_dir, save_dict, *args, **kwargs)
         self.engine_key = engine_key
         self.prune_stale = prune_stale
@@ -245,7 +275,9 @@ class AtomicCheckpointSaver(CheckpointSaver):
         for ckpt in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
             if ckpt is not None:
                 fixed = getattr(ckpt.save_handler, "filename", None)
-                ckpt.save_handler = AtomicDiskSaver(save_dir, filename=fixed, check_finite=check_finite)
+                ckpt.save_handler = AtomicDiskSaver(
+                    save_dir, filename=fixed, check_finite=check_finite, sidecar=sidecar
+                )
         if self._interval_checkpoint is not None:
             old = self._interval_checkpoint
             self._interval_checkpoint = Checkpoint(

@@ -9,24 +9,40 @@ is not an option, so the source ships with the package and is compiled on first 
 ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``). When the build fails, or
 ``MULTICURE_DEFORM_CONV_EXTENSION=0`` is set, :func:`load_cpu_extension` returns None, warns once, and the
 convolution falls back to the pure PyTorch path, which computes the same function.
+
+Torch serialises builds with a ``lock`` file in the build folder that only the builder deletes: a process
+killed mid-build leaves it, and every later load waits on it forever. :func:`_load_locked` therefore builds
+under a :class:`~multicure_monai.process_lock.ProcessLock` (released by the OS when its holder dies): whoever
+holds that lock knows no live builder exists, so a torch ``lock`` file then found is stale and is removed. A
+wait on a live builder longer than a minute is logged with the builder's pid.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import platform
 import shutil
 import warnings
 from pathlib import Path
+from collections.abc import Callable
 from types import ModuleType
+from typing import Any
 
 import torch
+
+from multicure_monai.process_lock import ProcessLock
 
 __all__ = ["EXTENSION_ENV", "SOURCE", "load_cpu_extension"]
 
 #: Environment variable; ``0`` disables the compiled CPU kernels (pure PyTorch fallback).
 EXTENSION_ENV = "MULTICURE_DEFORM_CONV_EXTENSION"
+
+#: Seconds a load waits on another process's build before it logs what it waits for (and again as often).
+BUILD_WAIT_WARNING_S = 60.0
+
+_logger = logging.getLogger(__name__)
 
 #: The C++ source compiled on first use.
 SOURCE = Path(__file__).resolve().parent / "csrc" / "deform_conv3d_cpu.cpp"
@@ -55,6 +71,36 @@ def _isa_flags() -> tuple[str, list[str]]:
     return "base", []
 
 
+def _load_locked(load: Callable[..., ModuleType], **kwargs: Any) -> ModuleType:
+    """``load(**kwargs)`` (``torch.utils.cpp_extension.load``) under a process lock that cannot go stale.
+
+    The lock file sits in the extension's build folder (``build_directory``, else torch's own choice for
+    ``name``). While it is held, no live process of this package is inside ``load`` for this extension, so
+    torch's ``lock`` file there, if any, was left by a killed build and is removed before ``load`` would
+    wait on it forever.
+
+    Args:
+        load: ``torch.utils.cpp_extension.load``.
+        kwargs: its arguments (``name`` at least).
+
+    Returns:
+        What ``load`` returns: the extension module.
+    """
+    from torch.utils.cpp_extension import _get_build_directory  # the folder `load` itself builds in
+
+    build_dir = kwargs.get("build_directory") or _get_build_directory(kwargs["name"], False)
+    lock = ProcessLock(os.path.join(build_dir, "multicure_build.lock"))
+    lock.acquire(warn_after=BUILD_WAIT_WARNING_S, what=f"the C++ kernel build of {kwargs['name']}")
+    try:
+        stale = os.path.join(build_dir, "lock")
+        if lock.locked and os.path.exists(stale):  # not locked: no fcntl (Windows), a live builder is possible
+            _logger.warning(f"removing {stale}, left by a kernel build that was killed (no live builder holds it)")
+            os.remove(stale)
+        return load(**kwargs)
+    finally:
+        lock.release()
+
+
 @functools.lru_cache(maxsize=None)
 def load_cpu_extension() -> ModuleType | None:
     """Build (first call on a machine) and import the CPU kernels; None when disabled or not buildable.
@@ -71,7 +117,8 @@ def load_cpu_extension() -> ModuleType | None:
         _ensure_ninja_on_path()
         tag, isa = _isa_flags()
         torch_tag = "".join(ch if ch.isalnum() else "_" for ch in torch.__version__)
-        return load(
+        return _load_locked(
+            load,
             # ISA and torch version in the name: a cached build is only reused by a matching CPU and torch
             name=f"multicure_deform_conv3d_cpu_{tag}_torch{torch_tag}",
             sources=[str(SOURCE)],

@@ -91,7 +91,7 @@ def test_both_ranks_finish_and_rank0_writes_the_model(ddp_run: dict) -> None:
     root = ddp_run["root"]
     # each rank writes its dump in `finalize`, i.e. after its training run returned
     assert sorted(p.name for p in ddp_run["dump_dir"].iterdir()) == [f"rank{r}.pt" for r in range(NPROC)]
-    assert sorted(p.name for p in (root / "models").iterdir()) == ["model.pt"]
+    assert sorted(p.name for p in (root / "models").iterdir()) == ["model.architecture.json", "model.pt"]
     state = torch.load(root / "models" / "model.pt", map_location="cpu", weights_only=True)
     state = state.get("model", state)
     dumped = torch.load(ddp_run["dump_dir"] / "rank0.pt", map_location="cpu", weights_only=True)
