@@ -17,6 +17,8 @@ from typing import Any
 
 from ignite.engine import Engine
 
+from multicure_monai.errors import BundleInputError, MissingFileError
+
 from .checkpoint_loader import SafeCheckpointLoader
 
 __all__ = ["find_latest_checkpoint", "ResumeCheckpointLoader"]
@@ -72,12 +74,12 @@ class ResumeCheckpointLoader(SafeCheckpointLoader):
     ) -> None:
         mode = str(resume).strip().lower()
         if mode not in ("false", "true", "auto", "0", "1"):
-            raise ValueError(f"resume must be true, false or 'auto', got {resume!r}.")
+            raise BundleInputError(f"resume must be true, false or 'auto', got {resume!r} (--resume true|false|auto).")
         self.mode = {"0": "false", "1": "true"}.get(mode, mode)
         self.ckpt_dir = os.fspath(ckpt_dir)
         latest = None if self.mode == "false" else find_latest_checkpoint(self.ckpt_dir)
         if self.mode == "true" and latest is None:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"resume=true but no resume checkpoint (*iteration=N.pt) in {self.ckpt_dir}; run without "
                 "--resume to start fresh, or pass --ckpt_dir of the run to continue."
             )

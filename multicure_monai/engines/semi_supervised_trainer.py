@@ -65,6 +65,7 @@ from multicure_monai.engines.cycling_loader import CyclingLoader
 from multicure_monai.engines.diagnostics import check_finite_losses, loss_gradient_norms
 from multicure_monai.engines.loss_terms import IterationContext, LossTerm, check_loss_terms
 from multicure_monai.engines.teachers import TEACHERS
+from multicure_monai.errors import BundleInputError
 from multicure_monai.networks.two_nets import TwoNetOutput, forward_two_nets
 
 __all__ = ["SemiSupervisedTrainer", "TEACHERS"]
@@ -168,7 +169,8 @@ class SemiSupervisedTrainer(SupervisedTrainer):
             if unlabeled_data_loader is None or _is_empty(unlabeled_data_loader):
                 message = "no unlabelled data: the semi-supervised losses need an unlabelled stream"
                 if empty_unlabeled == "error":
-                    raise ValueError(message + " (empty_unlabeled='error').")
+                    raise BundleInputError(message + " (empty_unlabeled='error'). List unlabelled images in the datalist, "
+                                           "or pass --empty_unlabeled warn to train supervised-only.")
                 warnings.warn(message + "; training falls back to supervised-only (L_s).", stacklevel=2)
                 supervised_only = True
             elif all(row.part == "labelled" for row in table.values()):
