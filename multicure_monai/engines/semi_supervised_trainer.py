@@ -59,6 +59,7 @@ from typing import Any
 import torch
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
+from monai.engines.workflow import Workflow
 from monai.utils.enums import CommonKeys as Keys
 from torch.optim.optimizer import Optimizer
 
@@ -68,6 +69,13 @@ from multicure_monai.engines.teachers import TEACHERS, select_teacher
 from multicure_monai.losses.prototype_contrastive import PrototypeContrastiveLoss
 from multicure_monai.losses.pseudo_label import PseudoLabelLoss
 from multicure_monai.metrics.calibration import boundary_band
+from multicure_monai.precision import (
+    autocast,
+    guard_small_convolutions,
+    log_precision,
+    needs_grad_scaler,
+    resolve_amp_dtype,
+)
 from multicure_monai.uncertainty import uncertainty_map
 
 __all__ = ["SemiSupervisedTrainer", "LOSS_TERMS", "TEACHERS", "CONTRASTIVE_ANCHORS", "CONTRASTIVE_BAND_WIDTH"]
@@ -137,7 +145,12 @@ class SemiSupervisedTrainer(SupervisedTrainer):
             ``net.to(memory_format=torch.channels_last_3d)``); on CPU (oneDNN) this makes 3D convolutions
             several times faster, most of all their backward pass (see ``benchmarks/train_step.py``).
         kwargs: passed to :class:`~monai.engines.SupervisedTrainer` (``epoch_length``, ``train_handlers``,
-            ``amp``, ``amp_kwargs``, ``prepare_batch``, ...).
+            ``prepare_batch``, ...). ``amp=True`` runs the forward passes under autocast on CUDA and CPU alike, in
+            the precision :func:`multicure_monai.precision.resolve_amp_dtype` picks from ``amp_kwargs["dtype"]``
+            (``"auto"`` when absent: float16 on CUDA, bfloat16 on a CPU with bf16, else float32); losses and
+            metrics stay float32, and a gradient scaler is used for CUDA float16 only. Under CPU bfloat16 the
+            nets' ``nn.Conv3d`` modules become :class:`~multicure_monai.precision.SmallMapSafeConv3d` (float32
+            on maps smaller than the kernel, where oneDNN's bfloat16 weight gradient is wrong).
     """
 
     def __init__(
@@ -191,6 +204,8 @@ class SemiSupervisedTrainer(SupervisedTrainer):
             raise ValueError(f"diagnostics_interval must be >= 0, got {diagnostics_interval}.")
         if empty_unlabeled not in ("warn", "error"):
             raise ValueError(f"empty_unlabeled must be 'warn' or 'error', got {empty_unlabeled!r}.")
+        amp_kwargs = dict(kwargs.pop("amp_kwargs", None) or {})
+        amp_dtype = amp_kwargs.pop("dtype", "auto")  # resolved per device here, not handed to torch as is
         super().__init__(
             device=device,
             max_epochs=max_epochs,
@@ -198,8 +213,15 @@ class SemiSupervisedTrainer(SupervisedTrainer):
             network=network,
             optimizer=optimizer,
             loss_function=loss_function,
+            amp_kwargs=amp_kwargs,
             **kwargs,
         )
+        #: the autocast dtype of the forward passes, ``None`` for float32 (``amp`` off or not available here)
+        self.amp_dtype = resolve_amp_dtype(device, amp_dtype) if self.amp else None
+        if self.amp:
+            log_precision(device, self.amp_dtype, amp_dtype, "training")
+        if self.amp_dtype == torch.bfloat16 and torch.device(device).type == "cpu":
+            guard_small_convolutions(network, aux_network, ema_network)  # see multicure_monai.precision
         self.aux_network = aux_network
         self.pseudo_label_loss = pseudo_label_loss
         self.regularization_loss = regularization_loss
@@ -229,6 +251,12 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         self.supervised_only = supervised_only
         self.unlabeled_data_loader = None if supervised_only else unlabeled_data_loader
         self._unlabeled = None if self.unlabeled_data_loader is None else CyclingLoader(self.unlabeled_data_loader)
+
+    def run(self) -> None:  # type: ignore[override]
+        """Train. MONAI's ``Trainer.run`` makes a CUDA ``GradScaler`` for any ``amp``; this one makes it for CUDA
+        float16 only (:func:`~multicure_monai.precision.needs_grad_scaler`), then runs MONAI's workflow."""
+        self.scaler = torch.amp.GradScaler("cuda") if needs_grad_scaler(self.state.device, self.amp_dtype) else None
+        Workflow.run(self)
 
     # ------------------------------------------------------------------ data
     def _next_unlabeled(self) -> torch.Tensor:
@@ -262,8 +290,12 @@ class SemiSupervisedTrainer(SupervisedTrainer):
 
     @property
     def uses_autocast(self) -> bool:
-        """Whether the forward passes run under CUDA autocast (``amp`` on a CUDA device)."""
-        return bool(self.amp) and torch.device(self.state.device).type == "cuda"
+        """Whether the forward passes run under autocast (``amp`` and a reduced precision on this device)."""
+        return self.amp_dtype is not None
+
+    def autocast(self) -> torch.autocast:
+        """The autocast context of the networks' forward passes (disabled when :attr:`uses_autocast` is False)."""
+        return autocast(self.state.device, self.amp_dtype)
 
     def training_inputs(self, num_batches: int) -> Iterator[torch.Tensor]:
         """``num_batches`` network inputs built like an iteration's ``x``: a labelled batch (a fresh pass over the
@@ -322,9 +354,7 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         self.network.train()
         self.aux_network.train()
         self.optimizer.zero_grad(set_to_none=self.optim_set_to_none)
-        autocast = self.uses_autocast
-        with torch.autocast("cuda", enabled=autocast, **(self.amp_kwargs if autocast else {})):
-            terms = self._compute_losses(x, y_l, n_l, lambda_c, use_contrastive)
+        terms = self._compute_losses(x, y_l, n_l, lambda_c, use_contrastive)
         weighted = terms.pop("_weighted")
         interval = self.diagnostics_interval
         if interval and engine.state.iteration % interval == 0:
@@ -337,7 +367,7 @@ class SemiSupervisedTrainer(SupervisedTrainer):
 
         loss = engine.state.output[Keys.LOSS]
         check_finite_losses(engine.state.output, engine.state.iteration, LOSS_TERMS)
-        if autocast and self.scaler is not None:
+        if self.scaler is not None:
             self.scaler.scale(loss).backward()
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
             self.scaler.step(self.optimizer)
@@ -359,10 +389,14 @@ class SemiSupervisedTrainer(SupervisedTrainer):
     def _compute_losses(
         self, x: torch.Tensor, y_l: torch.Tensor, n_l: int, lambda_c: float, use_contrastive: bool
     ) -> dict[str, Any]:
-        """Forward both nets on ``x`` (labelled first) and compute every loss term; see the module docstring."""
+        """Forward both nets on ``x`` (labelled first) and compute every loss term; see the module docstring.
+
+        Only the forward passes run under autocast; the losses take float32 logits and probabilities (the
+        contrastive loss sums its features in float32 itself)."""
         want_p = use_contrastive and "predictive" in self.contrastive_networks
         want_a = use_contrastive and "auxiliary" in self.contrastive_networks
-        logits_p, probs_p, feats_p, logits_a, feats_a = self.forward_networks(x, want_p, want_a)
+        with self.autocast():
+            logits_p, probs_p, feats_p, logits_a, feats_a = self.forward_networks(x, want_p, want_a)
         probs_a = torch.softmax(logits_a.float(), dim=1)
 
         labels = y_l.long()
@@ -375,9 +409,10 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         teacher_index = 0  # 0: predictive, 1: auxiliary, 2: EMA
         diag: dict[str, Any] = {}
         if not self.supervised_only:
-            teacher_index, teacher_probs, students = select_teacher(
-                self.teacher, x, (logits_p, probs_p, sup_p), (logits_a, probs_a, sup_a), self.ema_network
-            )
+            with self.autocast():  # the EMA teacher's forward pass
+                teacher_index, teacher_probs, students = select_teacher(
+                    self.teacher, x, (logits_p, probs_p, sup_p), (logits_a, probs_a, sup_a), self.ema_network
+                )
             teacher_u = teacher_probs[n_l:]
             fractions = []
             for s_logits, s_probs in students:

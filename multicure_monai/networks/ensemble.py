@@ -31,6 +31,8 @@ class DualNetworkEnsemble(nn.Module):
     transforms / ``Activations(softmax=True)`` apply) gives back the averaged probabilities, and ``argmax`` of
     the output is the ensemble label map.
 
+    Probabilities, the uncertainty map and the mixture are float32 whatever precision the nets run in (autocast).
+
     ``weights=(0, 1)`` deploys the auxiliary network alone, still fed with the predictive network's uncertainty map
     (as in training); ``weights=(1, 0)`` deploys the predictive network alone (the auxiliary one is not run).
 
@@ -93,19 +95,19 @@ class DualNetworkEnsemble(nn.Module):
         """
         w_pred, w_aux = self.weights
         if self.predictive_uses_uncertainty:  # as the trainer: a first pass gives the predictive net its own map
-            first = torch.softmax(self.predictive(x), dim=1)
-            p = torch.softmax(self.predictive(x, uncertainty_map(first, self.uncertainty_threshold)), dim=1)
+            first = torch.softmax(self.predictive(x).float(), dim=1)
+            p = torch.softmax(self.predictive(x, uncertainty_map(first, self.uncertainty_threshold)).float(), dim=1)
         else:
-            p = torch.softmax(self.predictive(x), dim=1)
+            p = torch.softmax(self.predictive(x).float(), dim=1)
         if self.return_members:
-            a = torch.softmax(self.auxiliary(x, uncertainty_map(p, self.uncertainty_threshold)), dim=1)
+            a = torch.softmax(self.auxiliary(x, uncertainty_map(p, self.uncertainty_threshold)).float(), dim=1)
             mixed = [w_pred * p + w_aux * a, p, a]
             return torch.log(torch.cat(mixed, dim=1).clamp_min(self.eps))
         if w_aux == 0.0:
             mix = p
         else:
             unc = uncertainty_map(p, self.uncertainty_threshold)
-            a = torch.softmax(self.auxiliary(x, unc), dim=1)
+            a = torch.softmax(self.auxiliary(x, unc).float(), dim=1)
             mix = a if w_pred == 0.0 else w_pred * p + w_aux * a
         return torch.log(mix.clamp_min(self.eps))
 
