@@ -118,7 +118,9 @@ def describe_precision(device: str | torch.device, dtype: torch.dtype | None, am
     return f"float32 on {kind}: no autocast for this device (amp_dtype={_name(amp_dtype)})"
 
 
-def log_precision(device: str | torch.device, dtype: torch.dtype | None, amp_dtype: str | torch.dtype, who: str) -> None:
+def log_precision(
+    device: str | torch.device, dtype: torch.dtype | None, amp_dtype: str | torch.dtype, who: str
+) -> None:
     """Log, at INFO, which precision ``who`` (e.g. ``"training"``) runs."""
     _logger.info(f"{who} precision: {describe_precision(device, dtype, amp_dtype)}")
 

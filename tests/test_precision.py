@@ -68,7 +68,11 @@ def test_autocast_context(dtype) -> None:
 
 @pytest.mark.parametrize(
     "dtype, amp_dtype, words",
-    [(BF16, "auto", ["bfloat16 autocast on cpu"]), (None, "auto", ["float32", "no bfloat16"]), (None, "float32", ["float32"])],
+    [
+        (BF16, "auto", ["bfloat16 autocast on cpu"]),
+        (None, "auto", ["float32", "no bfloat16"]),
+        (None, "float32", ["float32"]),
+    ],
 )
 def test_log_says_which_precision_runs(caplog, dtype, amp_dtype, words) -> None:
     with caplog.at_level(logging.INFO, logger="multicure_monai.precision"):

@@ -1,5 +1,5 @@
-"""``--amp True`` through the bundle on CPU: training and validation run and say which precision runs (the
-inference config shares the inferer's amp ids, tests/bundle/test_config_consistency.py)."""
+"""``--amp True`` through the bundle on CPU: training and validation run and say which precision runs (inference.yaml
+hands the same amp ids to the same inferer)."""
 
 from __future__ import annotations
 
