@@ -15,8 +15,9 @@ in float32: autocast only wraps the networks' forward passes.
 
 One float32 island is forced: on CPU the oneDNN bfloat16 weight gradient of a 3D convolution whose input is
 smaller than the kernel along an axis (depth 2 under a 3x3x3 kernel: the deepest level of a V-Net on a 32^3 crop)
-comes out wrong, up to inf (PyTorch 2.13; ``tests/test_precision.py`` checks it). The trainer therefore runs such
-convolutions in float32 (:func:`guard_small_convolutions`); their maps are tiny, so this costs nothing measurable.
+comes out wrong, up to inf (PyTorch 2.13's oneDNN; ``tests/test_precision.py`` checks the guarded gradient). The
+trainer therefore runs such convolutions in float32 (:func:`guard_small_convolutions`); their maps are a few voxels
+wide, so the float32 work is small.
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ The engine's output dict carries ``image``, ``label``, ``pred`` (predictive logi
 crops, the teacher, the weights, the contrastive loss against its chance value, and every
 ``diagnostics_interval`` iterations the gradient norm each weighted loss sends into each net).
 
-The module is longer than the project's ~400-line guide (about 490 lines, a third of them argument docs and checks)
+The module is longer than the project's ~400-line guide (about 530 lines, a third of them argument docs and checks)
 on purpose: it has one job, one iteration of the method, and its data flow (which net sees what, which term trains
 which net, which net teaches) reads in one place; splitting the loss assembly from the forward passes would put
 the two halves of that flow in different files. Everything around the iteration lives elsewhere: the unlabelled
