@@ -41,6 +41,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from multicure_monai.networks.deform_conv import DeformConv3d  # noqa: E402
+from multicure_monai.networks.deform_conv_extension import ISA_ENV, _isa_flags  # noqa: E402
 
 __all__ = ["main"]
 
@@ -122,8 +123,9 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--grid-sample", action="store_true", help="also run implementation='grid_sample'")
     p.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
+    p.add_argument("--no-gather", action="store_true", help="skip the (slow) pure PyTorch gather path")
     args = p.parse_args()
-    variants = ["conv", "gather"] + (["compiled"] if args.device == "cpu" else [])
+    variants = ["conv"] + ([] if args.no_gather else ["gather"]) + (["compiled"] if args.device == "cpu" else [])
     variants += ["grid_sample"] if args.grid_sample else []
     res = {}
     # memory first (fresh subprocesses on CPU), then timing in this process
@@ -137,9 +139,11 @@ def main() -> None:
     for v in variants[1:]:
         t, m = res[v]
         print(f"{v:>11s} / conv: time x{t / t0:.2f}   memory x{m / m0 if m0 > 0 else float('nan'):.2f}")
-    if "compiled" in res:
+    if "compiled" in res and "gather" in res:
         print(f"   compiled / gather: time x{res['compiled'][0] / res['gather'][0]:.2f}")
-    print(f"(shape {args.shape}, C_out {args.out_channels}, device {args.device}, threads {torch.get_num_threads()})")
+    isa = _isa_flags()[0] if args.device == "cpu" else "-"
+    print(f"(shape {args.shape}, C_out {args.out_channels}, device {args.device}, threads {torch.get_num_threads()}, "
+          f"kernels built for {isa}; {ISA_ENV}=avx2 builds and times the AVX2 kernels)")
 
 
 if __name__ == "__main__":

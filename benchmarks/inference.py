@@ -7,8 +7,9 @@ Every configuration runs :class:`~multicure_monai.sliding_window.StridedSlidingW
 ``eval`` / ``inference_mode``, and prints the best and the median wall time of ``--repeats`` passes (the first
 pass of a new window batch size also pays oneDNN / cuDNN set-up, so the best is the steady-state number), windows
 per second, the maximum absolute difference of the output (log averaged probabilities) from the reference run
-(``sw_batch_size=1``, contiguous, fp32) and the fraction of voxels whose label (argmax) differs from it. AMP
-(``--amp``: bf16 and fp16 autocast) runs on CUDA only; on a CPU it is reported as skipped.
+(``sw_batch_size=1``, contiguous, fp32), the fraction of voxels whose label (argmax) differs from it and the
+foreground Dice of the labels with it. ``--amp`` adds each configuration under the inferer's own ``amp`` (what the
+bundle runs): bf16 and fp16 on CUDA, bf16 on a CPU with bf16 support (float32 elsewhere, and it says so).
 
 The paper's LA geometry is a ~190x140x88 volume, 112x112x80 windows, stride 18x18x4 (54 windows). On a CPU
 that takes many minutes per configuration (a 56x56x40 window alone took ~3 s on one busy core), so the default is
@@ -23,17 +24,16 @@ stride 9x9x2) and the full-resolution one (la.yaml), the deployed ensemble next 
     python benchmarks/inference.py                                       # CPU-sized default
     python benchmarks/inference.py --la --repeats 1                      # LA half and full, ensemble vs V-Net
     python benchmarks/inference.py --la --amp --device cuda --repeats 3  # GPU, with bf16 / fp16 autocast
+    python benchmarks/inference.py --la --amp --models ensemble          # CPU: fp32 and bf16 side by side
     python benchmarks/inference.py --sw-batch-sizes 1 2 4 --no-channels-last-compare
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import time
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 
@@ -41,6 +41,7 @@ from multicure_monai.networks.ensemble import DualNetworkEnsemble
 from multicure_monai.networks.multicure import MULTICURE_FORMS
 from multicure_monai.networks.resnet_vnet import ResNetVNet
 from multicure_monai.networks.vnet import VNet
+from multicure_monai.precision import cpu_supports_bf16
 from multicure_monai.sliding_window import StridedSlidingWindowInferer
 
 LA_SHAPE, LA_ROI, LA_STRIDE = (190, 140, 88), (112, 112, 80), (18, 18, 4)
@@ -101,17 +102,15 @@ def run_config(
     fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
     counting = _CountingNet(net, fmt)
     inferer = StridedSlidingWindowInferer(
-        roi_size=roi, stride=stride, sw_batch_size=sw_batch_size, mode="constant"
-    )
-    autocast: Callable[[], Any] = (
-        (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None else contextlib.nullcontext
+        roi_size=roi, stride=stride, sw_batch_size=sw_batch_size, mode="constant",
+        amp=amp_dtype is not None, amp_dtype=amp_dtype or "float32",
     )
     times, out = [], None
     for _ in range(repeats):
         counting.windows = 0
         _sync(device)
         t0 = time.perf_counter()
-        with torch.inference_mode(), autocast():
+        with torch.inference_mode():
             out = inferer(image, counting)
         _sync(device)
         times.append(time.perf_counter() - t0)
@@ -129,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--stride", type=int, nargs=3, help="window stride")
     p.add_argument("--sw-batch-sizes", type=int, nargs="+", help="windows per call (default 1 4 8; --la: the bundle's)")
     p.add_argument("--models", nargs="+", choices=["ensemble", "predictive"], help="default: ensemble (--la: both)")
-    p.add_argument("--amp", action="store_true", help="also bf16 / fp16 autocast (CUDA only)")
+    p.add_argument("--amp", action="store_true", help="also bf16 / fp16 autocast (CUDA), bf16 (CPU with bf16)")
     p.add_argument("--no-channels-last-compare", action="store_true", help="only channels_last_3d")
     p.add_argument("--channels-last-compare", action="store_true", help="with --la: both memory formats")
     p.add_argument("--repeats", type=int, default=2, help="timed passes per configuration (best, median reported)")
@@ -163,8 +162,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.amp:
         if cuda:
             amp_dtypes += [torch.bfloat16, torch.float16]
+        elif cpu_supports_bf16():
+            amp_dtypes += [torch.bfloat16]
         else:
-            print("AMP: skipped on CPU (the bundle enables autocast on CUDA only)")
+            print("AMP: skipped, this CPU has no bfloat16 support (the bundle's amp runs float32 here)")
     nets = {(m, cl): build(device, cl, model=m, form=form, level=level) for m in models for cl in formats}
     best_rows = []
     for shape, roi, stride in geometries:
@@ -202,7 +203,7 @@ def _time_geometry(
     _sync(device)
     header = (
         f"{'model':>10} {'sw_batch':>8} {'format':>13} {'amp':>5} {'best s':>8} {'median s':>8} {'windows':>7} "
-        f"{'win/s':>7} {'max|diff|':>10} {'label diff':>10}"
+        f"{'win/s':>7} {'max|diff|':>10} {'label diff':>10} {'fg Dice':>7}"
     )
     print(header)
     print("-" * len(header))
@@ -219,6 +220,8 @@ def _time_geometry(
                 reference, ref_labels = references.setdefault(model, (out, labels))
                 diff = float((out - reference).abs().max())
                 label_diff = float((labels != ref_labels).float().mean())
+                fg, ref_fg = labels > 0, ref_labels > 0
+                dice = float(2 * (fg & ref_fg).sum() / (fg.sum() + ref_fg.sum()).clamp_min(1))
                 amp_name = {None: "-", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
                 fmt_name = "channels_last" if cl else "contiguous"
                 mem = ""
@@ -226,7 +229,7 @@ def _time_geometry(
                     mem = f"  peak {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
                 print(
                     f"{model:>10} {bs:>8} {fmt_name:>13} {amp_name:>5} {t:>8.2f} {t_med:>8.2f} {windows:>7} "
-                    f"{windows / t:>7.2f} {diff:>10.2e} {label_diff:>10.2e}{mem}",
+                    f"{windows / t:>7.2f} {diff:>10.2e} {label_diff:>10.2e} {dice:>7.4f}{mem}",
                     flush=True,
                 )
                 rows.append((t, bs, fmt_name, amp_name, diff, model, windows))

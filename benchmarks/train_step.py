@@ -28,6 +28,11 @@ Examples::
     python benchmarks/train_step.py --split                           # + MultiCURE / contrastive path apart
     python benchmarks/train_step.py --roi 112 112 80 --repeats 2      # the paper's geometry
     python benchmarks/train_step.py --no-channels-last                # measure what channels_last_3d buys
+    python benchmarks/train_step.py --forms authors --amp             # + each variant under amp, side by side
+
+``--amp`` adds each variant once more with the trainer's ``amp`` (``amp_dtype="auto"``: bfloat16 on a CPU with
+bf16, float16 on CUDA; float32 losses), alternated with the float32 steps in the same process, and prints the
+ratio of each amp step to its float32 twin (medians and fastest steps).
 """
 
 from __future__ import annotations
@@ -201,6 +206,7 @@ def build(
     multicure_level: int = 2,
     contrastive: bool | None = None,
     deferred: bool = True,
+    amp: bool = False,
 ) -> SemiSupervisedTrainer:
     """The trainer of the full method with MultiCURE in ``form``; ``None``: no MultiCURE block.
 
@@ -208,6 +214,7 @@ def build(
     ``build(None, ...)`` is the plain two-network reference and ``build(form, ..., contrastive=False)`` /
     ``build(None, ..., contrastive=True)`` are the halves of the method that ``--split`` times.
     ``deferred=False`` makes the nets apply their projection heads themselves (the path before ``ProjectedFeatures``).
+    ``amp``: the trainer's autocast in the device's ``"auto"`` precision.
     """
     torch.manual_seed(0)
     full = form is not None
@@ -235,18 +242,20 @@ def build(
         ),
         channels_last=channels_last,
         decollate=False,
+        amp=amp,
+        amp_kwargs={"dtype": "auto"},
     )
 
 
-def one_step(trainer: SemiSupervisedTrainer, x: torch.Tensor, y: torch.Tensor, n_l: int, amp: bool) -> dict[str, float]:
+def one_step(trainer: SemiSupervisedTrainer, x: torch.Tensor, y: torch.Tensor, n_l: int) -> dict[str, float]:
+    """One iteration as the trainer runs it (its own autocast around the forward passes), timed in parts."""
     device = x.device
     weights = {name: row.weight_at(1) for name, row in trainer.loss_terms.items()}
     times: dict[str, float] = {}
     _sync(device)
     t0 = time.perf_counter()
     trainer.optimizer.zero_grad(set_to_none=True)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-        terms, _ = trainer._compute_losses(x, y, n_l, weights)
+    terms, _ = trainer._compute_losses(x, y, n_l, weights)
     _sync(device)
     t1 = time.perf_counter()
     terms["loss"].backward()
@@ -268,7 +277,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-channels-last", action="store_true")
-    parser.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
+    parser.add_argument("--amp", action="store_true", help="also every variant under amp (bf16 on CPU, fp16 on CUDA)")
     parser.add_argument("--multicure-level", type=int, default=2, help="decoder level of the block (the bundle's: 2)")
     parser.add_argument("--forms", nargs="+", default=list(MULTICURE_FORMS), choices=list(MULTICURE_FORMS))
     parser.add_argument("--split", action="store_true",
@@ -289,6 +298,10 @@ def main() -> None:
         trainers[f"{first}-multicure-only"] = build(first, device, channels_last, args.multicure_level, False)
         trainers["contrastive-only"] = build(None, device, channels_last, contrastive=True)
         trainers[f"{first}-projected"] = build(first, device, channels_last, args.multicure_level, deferred=False)
+    if args.amp:
+        for name in ["reference", *args.forms]:
+            form = None if name == "reference" else name
+            trainers[f"{name}+amp"] = build(form, device, channels_last, args.multicure_level, amp=True)
     timed = {name: instrument(trainer) for name, trainer in trainers.items()}
     results: dict[str, list[dict[str, float]]] = {k: [] for k in trainers}
     peaks: dict[str, float] = {}
@@ -296,7 +309,7 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         for _ in range(args.warmup):
-            one_step(trainer, x, y, n_l, args.amp)
+            one_step(trainer, x, y, n_l)
             for part in timed[name].values():
                 part.reset()
         peaks[name] = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else _peak_rss_mb()
@@ -304,17 +317,16 @@ def main() -> None:
         for name, trainer in trainers.items():
             for part in timed[name].values():
                 part.reset()
-            row = one_step(trainer, x, y, n_l, args.amp)
+            row = one_step(trainer, x, y, n_l)
             row.update({f"fwd:{k}": part.elapsed for k, part in timed[name].items()})
             trainer.optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
-                row.update({f"alone:{k}": loss_alone(timed[name][k]) for k in _LOSSES if k in timed[name]})
+            row.update({f"alone:{k}": loss_alone(timed[name][k]) for k in _LOSSES if k in timed[name]})
             results[name].append(row)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
-        floors = {form: dense_conv_floor(trainers[form], x, args.repeats) for form in args.forms}
+    floors = {form: dense_conv_floor(trainers[form], x, args.repeats) for form in args.forms}
 
+    amp_dtype = str(trainers[f"{args.forms[0]}+amp"].amp_dtype).removeprefix("torch.") if args.amp else None
     print(f"device={device} roi={tuple(args.roi)} batch={n_l}+{args.unlabelled} channels_last={channels_last} "
-          f"amp={args.amp} multicure_level={args.multicure_level} threads={torch.get_num_threads()} repeats={args.repeats}")
+          f"amp={args.amp} ({amp_dtype or 'float32'}) multicure_level={args.multicure_level} threads={torch.get_num_threads()} repeats={args.repeats}")
     med: dict[str, dict[str, Any]] = {}
     unit = "MiB allocated" if device.type == "cuda" else "MiB peak RSS (cumulative)"
     for name, rows in results.items():
@@ -336,6 +348,12 @@ def main() -> None:
         print(f"ratio {form}/reference (total): {med[form]['total'] / ref:.2f}x (medians)")
         print(f"ratio {form}/reference (total, fastest steps): {fastest[form] / fastest['reference']:.2f}x "
               f"({fastest[form]:.2f}s / {fastest['reference']:.2f}s)")
+    if args.amp:
+        for name in ["reference", *args.forms]:
+            print(f"ratio {name}+amp/{name} (total, {amp_dtype or 'float32'} / float32): "
+                  f"{med[name + '+amp']['total'] / med[name]['total']:.2f}x (medians), "
+                  f"{fastest[name + '+amp'] / fastest[name]:.2f}x (fastest steps: "
+                  f"{fastest[name + '+amp']:.2f}s / {fastest[name]:.2f}s)")
     if args.split:
         first = args.forms[0]
         extra = {k: med[k]["total"] - ref for k in (first, f"{first}-multicure-only", "contrastive-only")}

@@ -13,11 +13,14 @@ say ``"stride": [18, 18, 4]``; everything else (blending, padding, devices, batc
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from monai.inferers import SlidingWindowInferer
 from monai.utils import BlendMode, ensure_tuple
+
+from multicure_monai.precision import parse_amp_dtype, autocast, log_precision, resolve_amp_dtype
 
 __all__ = ["stride_to_overlap", "StridedSlidingWindowInferer"]
 
@@ -91,6 +94,10 @@ class StridedSlidingWindowInferer(SlidingWindowInferer):
         sw_batch_size: number of windows per network call.
         mode: blending of overlapping windows, ``"constant"`` (plain average, the authors' code) or
             ``"gaussian"``.
+        amp: run the network under autocast in the precision of ``amp_dtype`` on the device the windows run on
+            (see :mod:`multicure_monai.precision`); the blended output stays float32.
+        amp_dtype: ``"auto"`` (float16 on CUDA, bfloat16 on a CPU with bf16, else float32), ``"bfloat16"``,
+            ``"float16"`` or ``"float32"``.
         kwargs: any other :class:`monai.inferers.SlidingWindowInferer` argument except ``overlap``
             (``padding_mode``, ``sw_device``, ``device``, ``progress``, ...).
 
@@ -108,6 +115,8 @@ class StridedSlidingWindowInferer(SlidingWindowInferer):
         stride: Sequence[int] | int,
         sw_batch_size: int = 1,
         mode: BlendMode | str = BlendMode.CONSTANT,
+        amp: bool = False,
+        amp_dtype: str | torch.dtype = "auto",
         **kwargs: Any,
     ) -> None:
         if "overlap" in kwargs:
@@ -122,3 +131,23 @@ class StridedSlidingWindowInferer(SlidingWindowInferer):
             overlap_arg = overlap
         super().__init__(roi_size=roi_size, sw_batch_size=sw_batch_size, overlap=overlap_arg, mode=mode, **kwargs)
         self.stride: tuple[int, ...] = tuple(int(s) for s in (strides * n_axes if len(strides) == 1 else strides))
+        parse_amp_dtype(amp_dtype)  # a bad value fails at construction, not at the first image
+        self.amp = bool(amp)
+        self.amp_dtype = amp_dtype
+        self._logged: set[str] = set()
+
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """MONAI's sliding window, the network calls under ``amp``'s autocast; the stitched output is float32.
+
+        MONAI's evaluators autocast on CUDA only (``torch.autocast("cuda")``), so the autocast lives here, where
+        validation, evaluation, inference and MONAI Label all pass; windows are blended in the input's dtype.
+        """
+        if not self.amp:
+            return super().__call__(inputs, network, *args, **kwargs)
+        device = self.sw_device if self.sw_device is not None else inputs.device
+        dtype = resolve_amp_dtype(device, self.amp_dtype)
+        if str(device) not in self._logged:
+            self._logged.add(str(device))
+            log_precision(device, dtype, self.amp_dtype, "sliding-window inference")
+        with autocast(device, dtype):
+            return super().__call__(inputs, network, *args, **kwargs)

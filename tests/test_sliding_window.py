@@ -133,3 +133,44 @@ def test_matches_monai_and_visits_stride_positions(
     assert out.shape == (1, 3, *image_shape)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
     assert net.origins == origins  # same windows, same order
+
+
+@pytest.mark.parametrize(
+    "amp, amp_dtype, has_bf16, expected",
+    [
+        (False, "auto", True, torch.float32),
+        (True, "auto", True, torch.bfloat16),
+        (True, "bfloat16", False, torch.float32),  # a CPU without bf16: float32, and the log says so
+        (True, "float32", True, torch.float32),
+    ],
+)
+def test_amp_autocasts_the_windows_and_returns_float32(monkeypatch, caplog, amp, amp_dtype, has_bf16, expected):
+    from multicure_monai import precision
+
+    monkeypatch.setattr(precision, "cpu_supports_bf16", lambda: has_bf16)
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(1, 2, 3, padding=1)
+    seen = set()
+    conv.register_forward_hook(lambda m, i, o: seen.add(o.dtype))
+    image = torch.randn(1, 1, 20, 18, 12)
+    kwargs = dict(roi_size=(8, 8, 8), stride=(4, 4, 4), sw_batch_size=3)
+    with caplog.at_level("INFO", logger="multicure_monai.precision"):
+        inferer = StridedSlidingWindowInferer(amp=amp, amp_dtype=amp_dtype, **kwargs)
+        with torch.no_grad():
+            out = inferer(image, conv)
+            inferer(image, conv)  # logged once per device
+            amp_dtypes = set(seen)
+            ref = StridedSlidingWindowInferer(**kwargs)(image, conv)
+    assert amp_dtypes == {expected}
+    assert out.dtype == torch.float32
+    exact = expected == torch.float32
+    torch.testing.assert_close(out, ref, atol=0 if exact else 0.05, rtol=0 if exact else 0.02)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == (1 if amp else 0)
+    if amp:
+        assert str(expected).removeprefix("torch.") in messages[0]
+
+
+def test_bad_amp_dtype_fails_at_construction():
+    with pytest.raises(ValueError, match="amp_dtype"):
+        StridedSlidingWindowInferer(roi_size=8, stride=4, amp=True, amp_dtype="half")

@@ -112,10 +112,9 @@ class BatchNormRecalibration:
         recalibrate_batchnorm([engine.network, engine.aux_network], self._steps(engine))  # type: ignore[attr-defined]
 
     def _steps(self, engine: Engine) -> Iterator[None]:
-        """One training-like forward of both nets per batch, under the trainer's autocast setting."""
-        autocast = engine.uses_autocast  # type: ignore[attr-defined]
-        kwargs = engine.amp_kwargs if autocast else {}  # type: ignore[attr-defined]
+        """One training-like forward of both nets per batch, under the trainer's autocast (its precision, on
+        CPU as on CUDA); the running statistics themselves are float32 buffers whatever the precision."""
         for x in engine.training_inputs(self.num_batches):  # type: ignore[attr-defined]
-            with torch.autocast("cuda", enabled=autocast, **kwargs):
+            with engine.autocast():  # type: ignore[attr-defined]
                 engine.forward_networks(x)  # type: ignore[attr-defined]
             yield None

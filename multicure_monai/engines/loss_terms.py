@@ -13,6 +13,7 @@ multi-term, multi-network loss bookkeeping, so this is written here.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -54,7 +55,7 @@ class IterationContext:
     ``logits`` / ``probs`` (float32 softmax) / ``features`` are keyed by net name; ``labels`` ``(B_l, 1, H, W, D)``
     are the labelled images' integer labels; ``n_l`` the number of labelled images. The teacher of the iteration
     is chosen on first use of :attr:`teacher` (after the supervised terms, which record each net's ``L_s`` in
-    ``supervised`` for MCF's ``better`` teacher).
+    ``supervised`` for MCF's ``better`` teacher), under ``autocast`` (the trainer's forward-pass precision).
     """
 
     x: torch.Tensor
@@ -67,6 +68,7 @@ class IterationContext:
     uncertainty_threshold: float
     teacher_name: str = "predictive"
     ema_network: torch.nn.Module | None = None
+    autocast: Callable[[], Any] = contextlib.nullcontext
     supervised: dict[str, torch.Tensor] = field(default_factory=dict)
     _teacher: tuple | None = None
 
@@ -76,13 +78,14 @@ class IterationContext:
         :func:`~multicure_monai.engines.teachers.select_teacher`."""
         if self._teacher is None:
             sup = [self.supervised.get(n) for n in NETWORK_NAMES]
-            self._teacher = select_teacher(
-                self.teacher_name,
-                self.x,
-                (self.logits["predictive"], self.probs["predictive"], sup[0]),
-                (self.logits["auxiliary"], self.probs["auxiliary"], sup[1]),
-                self.ema_network,
-            )
+            with self.autocast():  # the EMA teacher's forward pass runs like the nets'
+                self._teacher = select_teacher(
+                    self.teacher_name,
+                    self.x,
+                    (self.logits["predictive"], self.probs["predictive"], sup[0]),
+                    (self.logits["auxiliary"], self.probs["auxiliary"], sup[1]),
+                    self.ema_network,
+                )
         return self._teacher
 
 

@@ -58,6 +58,7 @@ from typing import Any
 import torch
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
+from monai.engines.workflow import Workflow
 from monai.utils.enums import CommonKeys as Keys
 from torch.optim.optimizer import Optimizer
 
@@ -67,6 +68,13 @@ from multicure_monai.engines.loss_terms import IterationContext, LossTerm, check
 from multicure_monai.engines.teachers import TEACHERS
 from multicure_monai.errors import BundleInputError
 from multicure_monai.networks.two_nets import TwoNetOutput, forward_two_nets
+from multicure_monai.precision import (
+    autocast,
+    guard_small_convolutions,
+    log_precision,
+    needs_grad_scaler,
+    resolve_amp_dtype,
+)
 
 __all__ = ["SemiSupervisedTrainer", "TEACHERS"]
 
@@ -113,7 +121,12 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         loss_function: what :class:`~monai.engines.SupervisedTrainer` stores as its ``loss_function`` (unused: the
             loss comes from ``loss_terms``).
         kwargs: passed to :class:`~monai.engines.SupervisedTrainer` (``epoch_length``, ``train_handlers``,
-            ``amp``, ``amp_kwargs``, ``prepare_batch``, ...).
+            ``prepare_batch``, ...). ``amp=True`` runs the forward passes under autocast on CUDA and CPU alike, in
+            the precision :func:`multicure_monai.precision.resolve_amp_dtype` picks from ``amp_kwargs["dtype"]``
+            (``"auto"`` when absent: float16 on CUDA, bfloat16 on a CPU with bf16, else float32); losses and
+            metrics stay float32, and a gradient scaler is used for CUDA float16 only. Under CPU bfloat16 the
+            nets' ``nn.Conv3d`` modules become :class:`~multicure_monai.precision.SmallMapSafeConv3d` (float32
+            on maps smaller than the kernel, where oneDNN's bfloat16 weight gradient is wrong).
     """
 
     def __init__(
@@ -148,6 +161,8 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         if empty_unlabeled not in ("warn", "error"):
             raise ValueError(f"empty_unlabeled must be 'warn' or 'error', got {empty_unlabeled!r}.")
         table = check_loss_terms(loss_terms)
+        amp_kwargs = dict(kwargs.pop("amp_kwargs", None) or {})
+        amp_dtype = amp_kwargs.pop("dtype", "auto")  # resolved per device here, not handed to torch as is
         super().__init__(
             device=device,
             max_epochs=max_epochs,
@@ -155,8 +170,15 @@ class SemiSupervisedTrainer(SupervisedTrainer):
             network=network,
             optimizer=optimizer,
             loss_function=loss_function,
+            amp_kwargs=amp_kwargs,
             **kwargs,
         )
+        #: the autocast dtype of the forward passes, ``None`` for float32 (``amp`` off or not available here)
+        self.amp_dtype = resolve_amp_dtype(device, amp_dtype) if self.amp else None
+        if self.amp:
+            log_precision(device, self.amp_dtype, amp_dtype, "training")
+        if self.amp_dtype == torch.bfloat16 and torch.device(device).type == "cpu":
+            guard_small_convolutions(network, aux_network, ema_network)  # see multicure_monai.precision
         self.aux_network = aux_network
         self.uncertainty_threshold = float(uncertainty_threshold)
         self.predictive_uses_uncertainty = predictive_uses_uncertainty
@@ -179,6 +201,12 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         self.loss_terms = {k: r for k, r in table.items() if r.part == "labelled"} if supervised_only else table
         self.unlabeled_data_loader = None if supervised_only else unlabeled_data_loader
         self._unlabeled = None if self.unlabeled_data_loader is None else CyclingLoader(self.unlabeled_data_loader)
+
+    def run(self) -> None:  # type: ignore[override]
+        """Train. MONAI's ``Trainer.run`` makes a CUDA ``GradScaler`` for any ``amp``; this one makes it for CUDA
+        float16 only (:func:`~multicure_monai.precision.needs_grad_scaler`), then runs MONAI's workflow."""
+        self.scaler = torch.amp.GradScaler("cuda") if needs_grad_scaler(self.state.device, self.amp_dtype) else None
+        Workflow.run(self)
 
     # ------------------------------------------------------------------ data
     def _next_unlabeled(self) -> torch.Tensor:
@@ -208,8 +236,12 @@ class SemiSupervisedTrainer(SupervisedTrainer):
 
     @property
     def uses_autocast(self) -> bool:
-        """Whether the forward passes run under CUDA autocast (``amp`` on a CUDA device)."""
-        return bool(self.amp) and torch.device(self.state.device).type == "cuda"
+        """Whether the forward passes run under autocast (``amp`` and a reduced precision on this device)."""
+        return self.amp_dtype is not None
+
+    def autocast(self) -> torch.autocast:
+        """The autocast context of the networks' forward passes (disabled when :attr:`uses_autocast` is False)."""
+        return autocast(self.state.device, self.amp_dtype)
 
     def training_inputs(self, num_batches: int) -> Iterator[torch.Tensor]:
         """``num_batches`` network inputs built like an iteration's ``x``: a labelled batch (a fresh pass over the
@@ -251,9 +283,7 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         self.network.train()
         self.aux_network.train()
         self.optimizer.zero_grad(set_to_none=self.optim_set_to_none)
-        autocast = self.uses_autocast
-        with torch.autocast("cuda", enabled=autocast, **(self.amp_kwargs if autocast else {})):
-            terms, weighted = self._compute_losses(x, y_l, n_l, weights)
+        terms, weighted = self._compute_losses(x, y_l, n_l, weights)
         interval = self.diagnostics_interval
         if interval and engine.state.iteration % interval == 0:
             nets = {"predictive": self.network, "auxiliary": self.aux_network}
@@ -266,7 +296,7 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         loss = engine.state.output[Keys.LOSS]
         names = [Keys.LOSS, *(f"loss_{name}" for name in weighted)]
         check_finite_losses(engine.state.output, engine.state.iteration, names)
-        if autocast and self.scaler is not None:
+        if self.scaler is not None:
             self.scaler.scale(loss).backward()
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
             self.scaler.step(self.optimizer)
@@ -289,11 +319,15 @@ class SemiSupervisedTrainer(SupervisedTrainer):
     ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """Forward both nets on ``x`` (labelled first) and evaluate every row of non-zero weight, in table order.
 
+        Only the forward passes run under autocast (the EMA teacher's too, through the context); the terms take
+        float32 logits and probabilities.
+
         Returns:
             ``(output terms, {name: weighted term})``.
         """
         want = {net for name, row in self.loss_terms.items() if weights[name] > 0 for net in row.feature_networks}
-        out = self.forward_networks(x, "predictive" in want, "auxiliary" in want)
+        with self.autocast():
+            out = self.forward_networks(x, "predictive" in want, "auxiliary" in want)
         probs_a = torch.softmax(out.logits_a.float(), dim=1)
         ctx = IterationContext(
             x=x,
@@ -306,6 +340,7 @@ class SemiSupervisedTrainer(SupervisedTrainer):
             uncertainty_threshold=self.uncertainty_threshold,
             teacher_name=self.teacher,
             ema_network=self.ema_network,
+            autocast=self.autocast,
         )
         terms: dict[str, Any] = {}
         weighted: dict[str, torch.Tensor] = {}

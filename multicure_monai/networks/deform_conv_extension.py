@@ -34,7 +34,7 @@ import torch
 
 from multicure_monai.process_lock import ProcessLock
 
-__all__ = ["EXTENSION_ENV", "SOURCE", "load_cpu_extension"]
+__all__ = ["EXTENSION_ENV", "ISA_ENV", "SOURCE", "load_cpu_extension"]
 
 #: Environment variable; ``0`` disables the compiled CPU kernels (pure PyTorch fallback).
 EXTENSION_ENV = "MULTICURE_DEFORM_CONV_EXTENSION"
@@ -43,6 +43,16 @@ EXTENSION_ENV = "MULTICURE_DEFORM_CONV_EXTENSION"
 BUILD_WAIT_WARNING_S = 60.0
 
 _logger = logging.getLogger(__name__)
+
+#: Environment variable; ``avx2`` or ``base`` builds the kernels for less than the CPU has (e.g. to compare builds).
+ISA_ENV = "MULTICURE_DEFORM_CONV_ISA"
+
+#: Compiler flags per vector ISA; ``avx512`` also asks GCC/Clang for 512-bit vectors (their default is 256).
+_ISA_FLAGS = {
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mprefer-vector-width=512"],
+    "avx2": ["-mavx2", "-mfma"],
+    "base": [],
+}
 
 #: The C++ source compiled on first use.
 SOURCE = Path(__file__).resolve().parent / "csrc" / "deform_conv3d_cpu.cpp"
@@ -62,13 +72,19 @@ def _ensure_ninja_on_path() -> None:
 def _isa_flags() -> tuple[str, list[str]]:
     """Vector-ISA compiler flags matching what PyTorch detected on this CPU, and a tag for the build name.
 
-    The tag is part of the extension name, so a build cached for an AVX2 machine is never loaded on one
-    without AVX2 (``TORCH_EXTENSIONS_DIR`` may be shared).
+    The tag is part of the extension name, so a build cached for an AVX-512 or AVX2 machine is never loaded on one
+    without it (``TORCH_EXTENSIONS_DIR`` may be shared). ``MULTICURE_DEFORM_CONV_ISA`` may lower the ISA, never
+    raise it above what PyTorch detected.
     """
     cap = torch.backends.cpu.get_cpu_capability()
+    order = ["base"]
     if platform.machine().lower() in ("x86_64", "amd64") and cap in ("AVX2", "AVX512"):
-        return "avx2", ["-mavx2", "-mfma"]
-    return "base", []
+        order += ["avx2", "avx512"] if cap == "AVX512" else ["avx2"]
+    tag = order[-1]
+    asked = os.environ.get(ISA_ENV, "").strip().lower()
+    if asked in order:
+        tag = asked
+    return tag, list(_ISA_FLAGS[tag])
 
 
 def _load_locked(load: Callable[..., ModuleType], **kwargs: Any) -> ModuleType:

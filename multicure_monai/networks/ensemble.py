@@ -31,6 +31,8 @@ class DualNetworkEnsemble(nn.Module):
     transforms / ``Activations(softmax=True)`` apply) gives back the averaged probabilities, and ``argmax`` of
     the output is the ensemble label map.
 
+    Probabilities, the uncertainty map and the mixture are float32 whatever precision the nets run in (autocast).
+
     ``weights=(0, 1)`` deploys the auxiliary network alone, still fed with the predictive network's uncertainty map
     (as in training); ``weights=(1, 0)`` deploys the predictive network alone (the auxiliary one is not run).
 

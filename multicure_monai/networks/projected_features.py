@@ -49,7 +49,12 @@ class ProjectedFeatures(NamedTuple):
         return self.hidden.ndim
 
     def materialize(self) -> torch.Tensor:
-        """The projected map ``(B, E, *S)``, as the 1x1x1 convolution computes it (same memory format as ``hidden``)."""
+        """The projected map ``(B, E, *S)``, as the 1x1x1 convolution computes it (same memory format as ``hidden``).
+
+        Outside autocast a reduced-precision map (from a forward pass under autocast) is projected in the head's
+        wider dtype, so a loss computed after the forward pass gets float32 features."""
         hidden = self.hidden if self.size is None else crop_to(self.hidden, self.size)
-        out = F.linear(hidden.movedim(1, -1), self.weight, self.bias)
+        dtype = torch.promote_types(hidden.dtype, self.weight.dtype)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        out = F.linear(hidden.movedim(1, -1).to(dtype), self.weight.to(dtype), bias)
         return out.movedim(-1, 1)

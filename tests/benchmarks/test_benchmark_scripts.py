@@ -20,8 +20,12 @@ CASES = [
      ["ratio paper/reference (total):", "ratio authors/reference (total, fastest steps):",
       "authors floor of the ratio", "loss fwd+bwd: sup=", "contrastive=", "split of the paper step's extra time",
       "projection heads applied as 1x1x1 convolutions", "deferring them saves"]),
+    (["benchmarks/train_step.py", "--roi", "16", "16", "16", "--labelled", "1", "--unlabelled", "1", "--repeats", "1",
+      "--warmup", "0", "--device", "cpu", "--forms", "authors", "--amp"],
+     ["ratio reference+amp/reference (total,", "ratio authors+amp/authors (total,"]),
     (["benchmarks/inference.py", "--shape", "20", "18", "16", "--roi", "16", "16", "16", "--stride", "4", "2", "16",
-      "--sw-batch-sizes", "1", "2", "--repeats", "1", "--device", "cpu", "--threads", "1"], ["fastest ensemble on"]),
+      "--sw-batch-sizes", "1", "2", "--repeats", "1", "--device", "cpu", "--threads", "1", "--amp"],
+     ["fastest ensemble on", "fg Dice"]),
     (["benchmarks/inference.py", "--la", "--shape", "20", "18", "16", "--roi", "16", "16", "16", "--stride", "4", "2",
       "16", "--repeats", "1", "--device", "cpu", "--threads", "1"],
      ["fastest predictive on", "ensemble / predictive alone on"]),
@@ -29,7 +33,7 @@ CASES = [
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("args, expected", CASES, ids=["deform_conv3d", "train_step", "inference", "inference_la"])
+@pytest.mark.parametrize("args, expected", CASES, ids=["deform_conv3d", "train_step", "train_step_amp", "inference", "inference_la"])
 def test_benchmark_runs_and_reports(args: list[str], expected: list[str]) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     out = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

@@ -68,7 +68,7 @@ def test_weights_do_not_change_and_no_gradient_is_recorded() -> None:
     assert all(p.grad is None for p in net.parameters())
 
 
-def _trainer(supervised_only: bool, num_batches: int, epoch_level: bool = True) -> SemiSupervisedTrainer:
+def _trainer(supervised_only: bool, num_batches: int, epoch_level: bool = True, **kwargs) -> SemiSupervisedTrainer:
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     labelled = []
@@ -89,6 +89,7 @@ def _trainer(supervised_only: bool, num_batches: int, epoch_level: bool = True) 
         loss_terms=method_loss_terms(DiceCELoss(to_onehot_y=True, softmax=True), PseudoLabelLoss()),
         supervised_only=supervised_only,
         decollate=False,
+        **kwargs,
     )
     # an epoch is 2 iterations: once per epoch either way
     BatchNormRecalibration(num_batches=num_batches, interval=1 if epoch_level else 2, epoch_level=epoch_level).attach(
@@ -120,3 +121,23 @@ def test_zero_batches_disables_the_handler() -> None:
     assert [int(n.norm.num_batches_tracked) for n in (trainer.network, trainer.aux_network)] == [2, 2]
     with pytest.raises(ValueError):
         BatchNormRecalibration(num_batches=-1)
+
+
+@pytest.mark.parametrize("has_bf16", [True, False])
+def test_recalibration_under_amp_runs_the_trainers_precision_and_keeps_float32_statistics(monkeypatch, has_bf16):
+    from multicure_monai import precision
+
+    monkeypatch.setattr(precision, "cpu_supports_bf16", lambda: has_bf16)
+    stats = {}
+    for amp in (False, True):
+        trainer = _trainer(False, num_batches=3, amp=amp)
+        seen = set()
+        trainer.network.conv.register_forward_hook(lambda m, i, o: seen.add(o.dtype))
+        trainer.run()
+        stats[amp] = [(n.norm.running_mean, n.norm.running_var) for n in (trainer.network, trainer.aux_network)]
+        assert seen == {torch.bfloat16 if amp and has_bf16 else torch.float32}
+    for (mean, var), (mean32, var32) in zip(stats[True], stats[False]):
+        assert mean.dtype == var.dtype == torch.float32
+        # same batches, bf16 convolutions: statistics agree to bf16's few significant digits
+        torch.testing.assert_close(mean, mean32, atol=0.05, rtol=0.05)
+        torch.testing.assert_close(var, var32, atol=0.05, rtol=0.05)

@@ -374,3 +374,42 @@ def test_nets_that_declare_deferred_features_get_asked_for_them_with_the_same_lo
         outputs[cls] = trainer.state.output
     for key in LOSS_KEYS:
         torch.testing.assert_close(outputs[DeferringSegNet][key], outputs[TinySegNet][key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("has_bf16, amp_dtype", [(True, "auto"), (True, "bfloat16"), (False, "auto"), (True, "float32")])
+def test_amp_on_cpu_runs_the_nets_in_bf16_and_the_losses_in_float32(monkeypatch, caplog, has_bf16, amp_dtype) -> None:
+    from multicure_monai import precision
+
+    monkeypatch.setattr(precision, "cpu_supports_bf16", lambda: has_bf16)
+    seen: dict[str, set] = {"net": set(), "loss": set()}
+    dice_ce = DiceCELoss(to_onehot_y=True, softmax=True)
+
+    def loss_function(logits, labels):
+        seen["loss"].add(logits.dtype)
+        return dice_ce(logits, labels)
+
+    with caplog.at_level("INFO", logger="multicure_monai.precision"):
+        trainer = _trainer(iterations=2, net_cls=DeferringSegNet, amp=True, amp_kwargs={"dtype": amp_dtype},
+                           supervised_loss=loss_function)  # fmt: skip
+    for net in (trainer.network, trainer.aux_network):
+        net.head.register_forward_hook(lambda m, i, o: seen["net"].add(o.dtype))
+    before = [p.detach().clone() for p in trainer.network.parameters()]
+    trainer.run()
+    expected = torch.bfloat16 if has_bf16 and amp_dtype != "float32" else torch.float32
+    assert trainer.uses_autocast is (expected == torch.bfloat16)
+    assert trainer.scaler is None  # a GradScaler only for CUDA float16
+    assert seen["net"] == {expected} and seen["loss"] == {torch.float32}
+    out = trainer.state.output
+    for key in LOSS_KEYS:
+        assert out[key].dtype == torch.float32 and torch.isfinite(out[key]), key
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.network.parameters()))
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1 and str(expected).removeprefix("torch.") in messages[0]
+    if not has_bf16:
+        assert "no bfloat16" in messages[0]
+
+
+def test_amp_off_logs_nothing_and_runs_float32(caplog) -> None:
+    with caplog.at_level("INFO", logger="multicure_monai.precision"):
+        trainer = _trainer(iterations=1, amp=False)
+    assert not trainer.uses_autocast and trainer.scaler is None and not caplog.records
