@@ -302,7 +302,7 @@ def _read_json(path: str) -> dict | None:
 
 
 def _write_json(path: str, data: dict) -> None:
-    from multicure_monai.engines.checkpoint_saver import atomic_write
+    from multicure_monai.atomic_files import atomic_write
 
     atomic_write(path, lambda f: f.write(json.dumps(data, indent=2).encode()))  # a kill never leaves half a file
 

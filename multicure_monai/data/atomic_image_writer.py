@@ -4,7 +4,7 @@ MONAI's writers (``ITKWriter``, ``NibabelWriter``, ...) write straight to the ta
 mid-write leaves a truncated ``*_seg.nii.gz`` that looks like a result. :func:`atomic_writer` returns a
 subclass of the writer MONAI would pick for an extension whose ``write`` stages the file in a private
 temporary folder (the backend needs a file name, and its extension picks the format) and then moves it into
-place through :func:`multicure_monai.engines.checkpoint_saver.atomic_write` (temp file in the target folder,
+place through :func:`multicure_monai.atomic_files.atomic_write` (temp file in the target folder,
 fsync, rename). Use it as ``SaveImaged(writer=...)``.
 """
 
@@ -18,7 +18,7 @@ from typing import Any
 
 from monai.data.image_writer import ImageWriter, resolve_writer
 
-from multicure_monai.engines.checkpoint_saver import atomic_write
+from multicure_monai.atomic_files import atomic_write
 
 __all__ = ["AtomicWriteMixin", "atomic_writer"]
 

@@ -3,8 +3,8 @@
 This module gathers the public names of three modules, one job each (bundle configs and callers import them
 from here):
 
-* :mod:`~multicure_monai.engines.checkpoint_saver`: :func:`atomic_write` (the one temp-file-then-rename
-  writer), :func:`atomic_torch_save`, :func:`remove_stale_partials`, the ignite save handler
+* :mod:`~multicure_monai.engines.checkpoint_saver`: :func:`atomic_torch_save` (through the package's one
+  atomic writer, :func:`~multicure_monai.atomic_files.atomic_write`), the ignite save handler
   :class:`AtomicDiskSaver` and MONAI's saver on top of it, :class:`AtomicCheckpointSaver` (atomic files,
   deferred removals, NaN/Inf guard, key-metric ``state_dict``, ``engine_key``).
 * :mod:`~multicure_monai.engines.checkpoint_loader`: :func:`safe_load` (``torch.load(weights_only=True)``
@@ -13,41 +13,32 @@ from here):
 * :mod:`~multicure_monai.engines.checkpoint_resume`: :func:`find_latest_checkpoint` and
   :class:`ResumeCheckpointLoader` (``resume: true | false | auto``).
 * :mod:`~multicure_monai.engines.checkpoint_architecture`: the switches that shape the networks, recorded
-  with each checkpoint and compared on loading (:func:`check_architecture`, :func:`check_loaders` for
-  MONAI's own loader).
+  with each checkpoint and compared on loading (:func:`check_architecture`; :func:`check_loaders` of the loader
+  module checks MONAI's own loader).
 
 Each module's docstring says why MONAI's own handlers are not enough as they are.
 """
 
 from __future__ import annotations
 
+from multicure_monai.atomic_files import TMP_SUFFIX, atomic_write, remove_stale_partials
+
 from .checkpoint_architecture import (
     ARCHITECTURE_KEY,
     ArchitectureRecord,
     check_architecture,
-    check_loaders,
     read_architecture,
     sidecar_path,
 )
 from .checkpoint_loader import (
-    _UNSAFE_MARKERS,  # noqa: F401 - importable from here before the split
     CorruptCheckpointError,
     SafeCheckpointLoader,
     UnsafeCheckpointError,
+    check_loaders,
     safe_load,
 )
-from .checkpoint_resume import _CKPT_RE, ResumeCheckpointLoader, find_latest_checkpoint  # noqa: F401
-from .checkpoint_saver import (
-    TMP_SUFFIX,
-    AtomicCheckpointSaver,
-    AtomicDiskSaver,
-    _EnginePlaceholder,  # noqa: F401 - importable from here before the split
-    _fsync_dir,  # noqa: F401
-    _non_finite_entries,  # noqa: F401
-    atomic_torch_save,
-    atomic_write,
-    remove_stale_partials,
-)
+from .checkpoint_resume import ResumeCheckpointLoader, find_latest_checkpoint
+from .checkpoint_saver import AtomicCheckpointSaver, AtomicDiskSaver, atomic_torch_save
 
 __all__ = [
     "ARCHITECTURE_KEY",

@@ -29,11 +29,8 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from monai.handlers import CheckpointLoader
-
+from multicure_monai.atomic_files import atomic_write
 from multicure_monai.errors import BundleInputError
-
-from .checkpoint_saver import atomic_write
 
 __all__ = [
     "ARCHITECTURE_KEY",
@@ -44,7 +41,6 @@ __all__ = [
     "read_architecture",
     "check_architecture",
     "explain_load_error",
-    "check_loaders",
 ]
 
 #: Key of the record in a resume checkpoint (a dict of state dicts).
@@ -196,30 +192,3 @@ def explain_load_error(path: str | os.PathLike, error: Exception, names: Iterabl
         f"architecture (written before the record existed, or its side-car is missing): run with the switches it "
         f"was trained with ({flags})."
     )
-
-
-def check_loaders(handlers: list, architecture: Mapping[str, Any]) -> list:
-    """Check the checkpoint of every plain MONAI ``CheckpointLoader`` in a handler list before training starts.
-
-    MONAI Label's fine-tuning inserts MONAI's own ``CheckpointLoader`` (``models/model.pt`` into ``network``)
-    at the front of ``train#handlers``; it runs before any handler of this package. This check reads the
-    record of its file when the trainer is built. The package's loaders check themselves and are skipped.
-
-    Args:
-        handlers: the trainer's handler objects.
-        architecture: the configured switches.
-
-    Returns:
-        ``handlers``, unchanged.
-
-    Raises:
-        BundleInputError: a loader's checkpoint records other switches (see :func:`check_architecture`).
-    """
-    from .checkpoint_loader import SafeCheckpointLoader  # it imports this module
-
-    for h in handlers:
-        if isinstance(h, CheckpointLoader) and not isinstance(h, SafeCheckpointLoader):
-            path = getattr(h, "load_path", None)
-            if path and os.path.isfile(path):
-                check_architecture(path, read_architecture(path), architecture)
-    return handlers

@@ -22,7 +22,7 @@ from monai.handlers import CheckpointLoader
 
 from .checkpoint_architecture import check_architecture, explain_load_error, read_architecture
 
-__all__ = ["UnsafeCheckpointError", "CorruptCheckpointError", "safe_load", "SafeCheckpointLoader"]
+__all__ = ["UnsafeCheckpointError", "CorruptCheckpointError", "safe_load", "SafeCheckpointLoader", "check_loaders"]
 
 # torch's weights-only unpickler messages for a refused object (vs. an unreadable stream: "Unsupported operand")
 _UNSAFE_MARKERS = ("Unsupported global", "unrecognized function", "Unsupported class", "not an allowed global")
@@ -184,3 +184,28 @@ class SafeCheckpointLoader(CheckpointLoader):
             )
         engine.state.max_epochs = prior_max_epochs
         self.logger.info(f"Restored {sorted(load_dict)} from {self.load_path}")
+
+
+def check_loaders(handlers: list, architecture: Mapping[str, Any]) -> list:
+    """Check the checkpoint of every plain MONAI ``CheckpointLoader`` in a handler list before training starts.
+
+    MONAI Label's fine-tuning inserts MONAI's own ``CheckpointLoader`` (``models/model.pt`` into ``network``)
+    at the front of ``train#handlers``; it runs before any handler of this package. This check reads the
+    record of its file when the trainer is built. The package's loaders check themselves and are skipped.
+
+    Args:
+        handlers: the trainer's handler objects.
+        architecture: the configured switches.
+
+    Returns:
+        ``handlers``, unchanged.
+
+    Raises:
+        BundleInputError: a loader's checkpoint records other switches (see :func:`check_architecture`).
+    """
+    for h in handlers:
+        if isinstance(h, CheckpointLoader) and not isinstance(h, SafeCheckpointLoader):
+            path = getattr(h, "load_path", None)
+            if path and os.path.isfile(path):
+                check_architecture(path, read_architecture(path), architecture)
+    return handlers

@@ -1,4 +1,4 @@
-"""Crash-safe checkpoint saving: one atomic-write helper and MONAI's saver built on it.
+"""Crash-safe checkpoint saving: MONAI's saver on the package's atomic writer (:mod:`multicure_monai.atomic_files`).
 
 Why not MONAI's saver as it is: :class:`monai.handlers.CheckpointSaver` builds ignite's
 ``DiskSaver(atomic=False)`` (``atomic=True`` would leave the file readable by its owner only), so a process
@@ -6,9 +6,7 @@ killed while ``torch.save`` writes leaves a truncated ``model.pt``. Ignite's :cl
 also removes the previous file *before* it writes the new one, so with ``n_saved=1`` a kill in between leaves
 no checkpoint at all.
 
-* :func:`atomic_write` is the one temp-file-then-rename writer: a hidden temporary file in the target's folder,
-  fsynced, made ``0o644`` and ``os.replace`` d over the target. :func:`atomic_torch_save` is ``torch.save``
-  through it; :func:`remove_stale_partials` removes what a killed write left.
+* :func:`atomic_torch_save` is ``torch.save`` through :func:`~multicure_monai.atomic_files.atomic_write`.
 * :class:`AtomicDiskSaver` is an ignite save handler writing through :func:`atomic_torch_save`; removals ignite
   asks for are deferred until the new file is complete.
 * :class:`AtomicCheckpointSaver` is MONAI's saver with these save handlers swapped in, a finiteness guard (it
@@ -21,9 +19,8 @@ from __future__ import annotations
 import glob
 import logging
 import os
-import tempfile
-from collections.abc import Callable, Mapping
-from typing import IO, Any
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from ignite.engine import Engine
@@ -31,58 +28,22 @@ from ignite.handlers import Checkpoint
 from ignite.handlers.checkpoint import BaseSaveHandler
 from monai.handlers import CheckpointSaver
 
+from multicure_monai.atomic_files import atomic_write, remove_stale_partials
+
+from .checkpoint_architecture import ARCHITECTURE_KEY, ArchitectureRecord, sidecar_path, write_sidecar
+
 __all__ = [
-    "TMP_SUFFIX",
-    "atomic_write",
     "atomic_torch_save",
-    "remove_stale_partials",
     "AtomicDiskSaver",
     "AtomicCheckpointSaver",
 ]
 
-#: Suffix of the temporary files written before the rename (never ``.pt``: MONAI Label offers ``models/*.pt``).
-TMP_SUFFIX = ".partial"
 
 # the logger name from before the split into checkpoint_* modules, so log output and filters are unchanged
 _logger = logging.getLogger("multicure_monai.engines.checkpoint")
 
 
 # ------------------------------------------------------------------------------------------------ write
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any], mode: int = 0o644) -> str:
-    """Write a file through ``write(f)`` so that ``path`` is never left partial: temp file, fsync, chmod, rename.
-
-    The temporary file is ``.<name>.<random>.partial`` in the target's folder (same file system, so
-    :func:`os.replace` is atomic); after a crash it is the only leftover and :func:`remove_stale_partials`
-    (called by :class:`AtomicDiskSaver` at its start) removes it. Until the rename, ``path`` keeps its previous
-    content; if ``write`` raises, the temporary file is removed and the error propagates.
-
-    Args:
-        path: the target file (its folder is created).
-        write: called once with the temporary file opened for binary writing; writes the whole content.
-        mode: permissions of the written file (``0o644``: readable by the group/others, like ``open``).
-
-    Returns:
-        The absolute path written.
-    """
-    path = os.path.abspath(os.fspath(path))
-    folder, name = os.path.split(path)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=TMP_SUFFIX, dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    _fsync_dir(folder)
-    return path
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike, mode: int = 0o644) -> str:
@@ -97,38 +58,6 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike, mode: int = 0o644) -> s
         The absolute path written.
     """
     return atomic_write(path, lambda f: torch.save(obj, f), mode=mode)
-
-
-def _fsync_dir(folder: str) -> None:
-    """Fsync a folder so a rename inside it is durable (a no-op where folders cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # e.g. Windows: directories cannot be opened
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def remove_stale_partials(folder: str | os.PathLike) -> list[str]:
-    """Delete temporary files left by a process killed inside :func:`atomic_write`.
-
-    Args:
-        folder: the folder to clean.
-
-    Returns:
-        The paths of the files found (sorted).
-    """
-    stale = sorted(glob.glob(os.path.join(os.fspath(folder), f".*{TMP_SUFFIX}")))
-    for p in stale:
-        try:
-            os.remove(p)
-        except OSError:
-            pass
-    return stale
 
 
 def _non_finite_entries(obj: Any, prefix: str = "") -> list[str]:
@@ -204,8 +133,6 @@ class AtomicDiskSaver(BaseSaveHandler):
                 )
         atomic_torch_save(checkpoint, path)
         if self.sidecar is not None:
-            from .checkpoint_architecture import write_sidecar  # that module imports atomic_write from here
-
             write_sidecar(path, self.sidecar)
         pending, self._pending_removal = self._pending_removal, []
         for old in pending:
@@ -213,8 +140,6 @@ class AtomicDiskSaver(BaseSaveHandler):
             if old != name and os.path.isfile(old_path):
                 os.remove(old_path)
                 if self.sidecar is not None:
-                    from .checkpoint_architecture import sidecar_path
-
                     if os.path.isfile(sidecar_path(old_path)):
                         os.remove(sidecar_path(old_path))
 
@@ -262,8 +187,6 @@ class AtomicCheckpointSaver(CheckpointSaver):
             save_dict.setdefault(engine_key, _EnginePlaceholder())
         sidecar = None
         if architecture is not None:
-            from .checkpoint_architecture import ARCHITECTURE_KEY, ArchitectureRecord
-
             if len(save_dict) > 1:
                 save_dict[ARCHITECTURE_KEY] = ArchitectureRecord(architecture)
             else:

@@ -18,7 +18,7 @@ from monai.data.image_writer import NibabelWriter
 from monai.transforms import SaveImage
 
 from multicure_monai.data.atomic_image_writer import AtomicWriteMixin, atomic_writer
-from multicure_monai.engines.checkpoint_saver import TMP_SUFFIX
+from multicure_monai.atomic_files import TMP_SUFFIX
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -81,7 +81,7 @@ def test_invalid_weights(weights):
 def test_with_real_networks():
     torch.manual_seed(0)
     pred = VNet(features=4).eval()
-    aux = ResNetVNet(features=(4, 8, 8, 16, 16), layers=(1, 1, 1, 1)).eval()
+    aux = ResNetVNet(features=(4, 8, 8, 16, 16), layers=(1, 1, 1, 1), multicure_form="paper").eval()
     ens = DualNetworkEnsemble(pred, aux, uncertainty_threshold=0.99).eval()
     x = torch.randn(1, 1, 20, 16, 24)
     with torch.no_grad():
@@ -90,7 +90,7 @@ def test_with_real_networks():
         a = torch.softmax(aux(x, uncertainty_map(p, 0.99)), 1)
     assert out.shape == (1, 2, 20, 16, 24)
     assert torch.allclose(torch.softmax(out, 1), 0.5 * (p + a), atol=1e-5)
-    new = DualNetworkEnsemble(VNet(features=4), ResNetVNet(features=(4, 8, 8, 16, 16), layers=(1, 1, 1, 1)))
+    new = DualNetworkEnsemble(VNet(features=4), ResNetVNet(features=(4, 8, 8, 16, 16), layers=(1, 1, 1, 1), multicure_form="paper"))
     new.load_state_dict(ens.state_dict())
     new.predictive.load_state_dict(pred.state_dict())
 
@@ -140,7 +140,7 @@ def test_predictive_gets_its_own_map_when_it_uses_uncertainty(uses):
 def test_bf16_autocast_keeps_probabilities_float32(return_members):
     torch.manual_seed(0)
     pred = VNet(features=4).eval()
-    aux = ResNetVNet(features=(4, 8, 8, 16, 16), layers=(1, 1, 1, 1)).eval()
+    aux = ResNetVNet(features=(4, 8, 8, 16, 16), layers=(1, 1, 1, 1), multicure_form="paper").eval()
     ens = DualNetworkEnsemble(pred, aux, uncertainty_threshold=0.7, return_members=return_members).eval()
     x = torch.randn(1, 1, 16, 16, 16)
     with torch.no_grad():

@@ -55,8 +55,8 @@ def test_network_forward_asks_deferred_features_of_nets_that_declare_them() -> N
 def test_ensemble_and_trainer_couple_the_nets_the_same_way(predictive_uses_uncertainty: bool) -> None:
     """The deployed ensemble's member outputs are the log-softmax of the shared two-net forward's logits."""
     torch.manual_seed(0)
-    pred = VNet(features=4, multicure=predictive_uses_uncertainty, multicure_level=1)
-    aux = ResNetVNet(features=(4, 8, 16, 32, 64), multicure=True, multicure_level=1)
+    pred = VNet(features=4, multicure=predictive_uses_uncertainty, multicure_level=1, multicure_form="paper")
+    aux = ResNetVNet(features=(4, 8, 16, 32, 64), multicure=True, multicure_level=1, multicure_form="paper")
     ensemble = DualNetworkEnsemble(pred, aux, return_members=True,
                                    predictive_uses_uncertainty=predictive_uses_uncertainty).eval()  # fmt: skip
     x = torch.randn(1, 1, 32, 32, 32)

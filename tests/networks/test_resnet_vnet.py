@@ -9,7 +9,7 @@ from multicure_monai.networks.multicure import MultiCURE
 from multicure_monai.networks.padding import crop_to, pad_to_multiple
 from multicure_monai.networks.resnet_vnet import BasicBlock, ResNetVNet
 
-SMALL = {"features": (4, 8, 8, 16, 16), "layers": (1, 1, 2, 1)}
+SMALL = {"features": (4, 8, 8, 16, 16), "layers": (1, 1, 2, 1), "multicure_form": "paper"}  # groups of 16 need wider maps
 
 
 def _small(deformable: bool = False, **kwargs) -> ResNetVNet:
@@ -26,7 +26,7 @@ def test_default_parameter_count():
     net = ResNetVNet()
     assert abs(_count(net) - 18e6) / 18e6 < 0.1
     assert isinstance(net.decoder.multicure, MultiCURE) and net.decoder.multicure.deformable
-    assert net.decoder.multicure.in_channels == 32  # decoder level 1 (half resolution)
+    assert net.decoder.multicure.in_channels == 64  # decoder level 2 (quarter resolution), the bundle default
     plain = ResNetVNet(multicure=False)
     assert plain.decoder.multicure is None
     assert _count(net) - _count(plain) == _count(net.decoder.multicure)

@@ -14,7 +14,7 @@ from multicure_monai.networks.vnet import VNet
 
 def _small(**kwargs) -> VNet:
     torch.manual_seed(0)
-    return VNet(features=4, **kwargs)
+    return VNet(**{"features": 4, "multicure_form": "paper", **kwargs})
 
 
 def test_default_parameter_count_matches_uamt_vnet():
@@ -68,7 +68,7 @@ def test_padding_equals_running_on_padded_input():
 @pytest.mark.parametrize("net_cls", ["VNet", "ResNetVNet"])
 def test_deferred_features_materialize_to_the_projected_features(net_cls):
     """``return_features="deferred"``: the map and head of every level, equal to the projected features once applied."""
-    net = _small() if net_cls == "VNet" else ResNetVNet(features=(4, 8, 8, 16, 16), layers=(1, 1, 1, 1))
+    net = _small() if net_cls == "VNet" else ResNetVNet(features=(4, 8, 8, 16, 16), layers=(1, 1, 1, 1), multicure_form="paper")
     net = net.eval().to(memory_format=torch.channels_last_3d)
     x = torch.randn(2, 1, 20, 24, 28).contiguous(memory_format=torch.channels_last_3d)
     with torch.no_grad():
@@ -90,7 +90,7 @@ def test_deferred_features_materialize_to_the_projected_features(net_cls):
 def test_contrastive_loss_reads_deferred_padded_features_like_projected_ones(net_cls):
     """On an input the net pads, the loss of the deferred features (padded maps read through the crop size) equals
     the loss of the projected, cropped features, and so do the gradients of every parameter."""
-    net = _small() if net_cls == "VNet" else ResNetVNet(features=(4, 8, 8, 16, 16), layers=(1, 1, 1, 1))
+    net = _small() if net_cls == "VNet" else ResNetVNet(features=(4, 8, 8, 16, 16), layers=(1, 1, 1, 1), multicure_form="paper")
     net = net.double().eval()  # no dropout: both forwards alike
     x = torch.randn(2, 1, 20, 24, 18, dtype=torch.float64)
     labels = (x > 0.3).long()
