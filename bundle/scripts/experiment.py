@@ -121,7 +121,8 @@ def freeze_code(dest: str, repo_root: str = REPO_ROOT) -> dict[str, Any]:
         ``{"commit": HEAD, "tree": the archived commit, "dirty": bool, "dir": dest}``.
     """
     def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", repo_root, *args], capture_output=True, text=True, check=True).stdout.strip()
+        done = subprocess.run(["git", "-C", repo_root, *args], capture_output=True, text=True, check=True)
+        return done.stdout.strip()
 
     head = git("rev-parse", "HEAD")
     tree = git("stash", "create") or head

@@ -29,6 +29,7 @@ from importlib import metadata
 from typing import Any
 
 import numpy as np
+from experiment_curves import collapse, plot_curves
 
 __all__ = ["MODELS", "METRICS", "CSV_FIELDS", "report", "read_raw_csv", "parse_validation_log", "main"]
 
@@ -206,37 +207,6 @@ def _stats(arms: list[str], seeds: list[int], values: dict, baseline: str) -> li
     return rows
 
 
-def _collapse(points: list) -> tuple[float, float, float]:
-    """(best, last, largest drop from the best so far) of a validation curve."""
-    dice = np.array([v for _, v in points], dtype=float)
-    return float(np.nanmax(dice)), float(dice[-1]), float(np.nanmax(np.fmax.accumulate(dice) - dice))
-
-
-def _plot(curves: dict, arms: list[str], seeds: list[int], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(MODELS), figsize=(5 * len(MODELS), 4), sharey=True)
-    colours, styles = plt.get_cmap("tab10"), ["-", "--", ":", "-."]
-    for ax, model in zip(axes, MODELS):
-        for (arm, seed), by_model in curves.items():
-            if model in by_model:
-                x, y = zip(*by_model[model])
-                ax.plot(x, y, color=colours(arms.index(arm) % 10), linestyle=styles[seeds.index(seed) % 4],
-                        marker=".", label=f"{arm} s{seed}")  # fmt: skip
-        ax.set(title=f"{model} net" if model != "ensemble" else "ensemble", xlabel="iteration")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("validation Dice")
-    legend = {lab: h for ax in axes for h, lab in zip(*ax.get_legend_handles_labels())}
-    if legend:
-        fig.legend(legend.values(), legend.keys(), fontsize=7, loc="center right")
-    fig.tight_layout(rect=(0, 0, 0.92 if legend else 1, 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def _f(v: Any, digits: int = 3, sign: bool = False) -> str:
     if v is None or v == "" or (isinstance(v, float) and np.isnan(v)):
         return "–"
@@ -279,10 +249,12 @@ def _protocol_lines(protocol: dict, baseline: str) -> list[str]:
     if budget:
         lines.append("- budget: " + ", ".join(f"{k} {v}" for k, v in budget.items()))
     if code.get("tree"):
-        lines.append(f"- code: frozen at `{code['tree']}` (HEAD `{code['commit']}`{', with uncommitted edits' if code['dirty'] else ''})")
+        dirty = ", with uncommitted edits" if code["dirty"] else ""
+        lines.append(f"- code: frozen at `{code['tree']}` (HEAD `{code['commit']}`{dirty})")
     if protocol.get("extra"):
         lines.append(f"- extra overrides: `{shlex.join(protocol['extra'])}`")
-    lines += [f"- protocol written {h['date']}: arms {h['arms']}, seeds {h['seeds']}" for h in protocol.get("history", [])]
+    for h in protocol.get("history", []):
+        lines.append(f"- protocol written {h['date']}: arms {h['arms']}, seeds {h['seeds']}")
     return lines
 
 
@@ -318,7 +290,8 @@ def report(output_dir: str, baseline: str | None = None) -> str:
         writer = csv.DictWriter(f, CSV_FIELDS, restval="")
         writer.writeheader()
         writer.writerows(rows)
-    _plot({k: v for k, v in curves.items() if v}, arms, seeds, os.path.join(output_dir, "curves.png"))
+    finished = {k: v for k, v in curves.items() if v}
+    plot_curves(finished, arms, seeds, os.path.join(output_dir, "curves.png"), list(MODELS))
     row = {(r["arm"], r["seed"], r["model"], r["metric"]): r for r in rows}
     try:
         torch_version = metadata.version("torch")
@@ -359,7 +332,7 @@ def report(output_dir: str, baseline: str | None = None) -> str:
         times = " / ".join(f"{timings[(arm, s)]['train_s'] / 60:.1f} min" if "train_s" in timings[(arm, s)] else "–"
                            for s in seeds)  # fmt: skip
         for model in MODELS:
-            coll = [_collapse(curves[(arm, s)][model]) if model in curves[(arm, s)] else None for s in seeds]
+            coll = [collapse(curves[(arm, s)][model]) if model in curves[(arm, s)] else None for s in seeds]
             cells = [arm, model]
             cells += ["missing" if (arm, s) in missing else _ms(row.get((arm, s, model, "dice")), 3) for s in seeds]
             cells += [_ms(row.get((arm, "all", model, k)), n) for k, n in (("dice", 3), ("hd95", 2), ("asd", 2),

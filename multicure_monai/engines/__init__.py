@@ -1,5 +1,5 @@
-"""Engines: the two-network semi-supervised trainer, its loss table and its handlers (checkpoints, resume, seeding, progress,
-DDP buffer sync, BatchNorm recalibration, training diagnostics, uncertainty figures of an evaluation)."""
+"""Engines: the two-network semi-supervised trainer, its loss table and its handlers (checkpoints, resume,
+seeding, progress, DDP buffer sync, BatchNorm recalibration, training diagnostics, uncertainty figures)."""
 
 from __future__ import annotations
 

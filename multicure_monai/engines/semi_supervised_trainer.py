@@ -191,8 +191,8 @@ class SemiSupervisedTrainer(SupervisedTrainer):
             if unlabeled_data_loader is None or _is_empty(unlabeled_data_loader):
                 message = "no unlabelled data: the semi-supervised losses need an unlabelled stream"
                 if empty_unlabeled == "error":
-                    raise BundleInputError(message + " (empty_unlabeled='error'). List unlabelled images in the datalist, "
-                                           "or pass --empty_unlabeled warn to train supervised-only.")
+                    fix = "List unlabelled images in the datalist, or pass --empty_unlabeled warn."
+                    raise BundleInputError(f"{message} (empty_unlabeled='error'). {fix}")
                 warnings.warn(message + "; training falls back to supervised-only (L_s).", stacklevel=2)
                 supervised_only = True
             elif all(row.part == "labelled" for row in table.values()):
@@ -263,8 +263,10 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         self, x: torch.Tensor, with_features_p: bool = False, with_features_a: bool = False
     ) -> TwoNetOutput:
         """Both nets on ``x`` as in training (:func:`~multicure_monai.networks.two_nets.forward_two_nets`)."""
-        return forward_two_nets(self.network, self.aux_network, x, self.uncertainty_threshold,
-                                self.predictive_uses_uncertainty, features=(with_features_p, with_features_a))  # fmt: skip
+        features = (with_features_p, with_features_a)
+        return forward_two_nets(
+            self.network, self.aux_network, x, self.uncertainty_threshold, self.predictive_uses_uncertainty, features
+        )
 
     # ------------------------------------------------------------- iteration
     def _iteration(self, engine: SupervisedTrainer, batchdata: dict[str, torch.Tensor]) -> dict:  # type: ignore[override]

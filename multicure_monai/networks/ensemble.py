@@ -94,8 +94,9 @@ class DualNetworkEnsemble(nn.Module):
             Log-probabilities ``(B, N, H, W, D)`` of the weighted probability average.
         """
         w_pred, w_aux = self.weights
+        run_auxiliary = self.return_members or w_aux > 0.0
         out = forward_two_nets(self.predictive, self.auxiliary, x, self.uncertainty_threshold,
-                               self.predictive_uses_uncertainty, run_auxiliary=self.return_members or w_aux > 0.0)  # fmt: skip
+                               self.predictive_uses_uncertainty, run_auxiliary=run_auxiliary)  # fmt: skip
         p = out.probs_p
         if self.return_members:
             a = torch.softmax(out.logits_a.float(), dim=1)

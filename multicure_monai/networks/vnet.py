@@ -179,8 +179,7 @@ class VNetBase(nn.Module):
         embed_dim: channels of each projected feature map.
         multicure: insert a :class:`MultiCURE` block after the decoder stage at ``multicure_level``.
         multicure_level: decoder level of the MultiCURE block (2: quarter resolution, the bundle's; 1: the paper's).
-        multicure_form: :class:`MultiCURE` form, ``"authors"`` (the bundle's) or ``"paper"``; ``None``: the block's
-            own arguments as given.
+        multicure_form: :class:`MultiCURE` form, ``"authors"`` (the bundle's), ``"paper"`` or ``None`` (as given).
         multicure_kwargs: extra keyword arguments of :class:`MultiCURE` (a ``form`` there wins).
         pad_to_multiple: pad inputs whose size is not divisible by ``2 ** (len(channels) - 1)`` and crop back.
     """
