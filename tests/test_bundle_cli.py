@@ -127,6 +127,15 @@ def test_known_and_allowed_overrides_pass(args: list[str], allowed: tuple[str, .
     assert check_overrides(["run", "training", "--config_file", TRAIN, *args], allowed_new_ids=allowed)
 
 
+def test_a_new_loss_term_is_allowed_by_train_yaml() -> None:
+    """A term of one's own is one new entry of ``loss_terms``: train.yaml's allow-list admits it."""
+    from monai.bundle import ConfigParser
+
+    allowed = ConfigParser.load_config_file(TRAIN)["allowed_new_ids"]
+    assert check_overrides(["run", "training", "--config_file", TRAIN, "--loss_terms#toy#weight", "0.1"],
+                           allowed_new_ids=allowed)  # fmt: skip
+
+
 def test_args_file_keys_are_overrides(tmp_path: Path) -> None:
     args_file = tmp_path / "args.json"
     args_file.write_text(json.dumps({"config_file": TRAIN, "max_iterations": 3, "val_intervall": 3}))
