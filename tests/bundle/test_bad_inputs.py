@@ -409,7 +409,7 @@ def test_bundle_lists_every_datalist_problem_last(tmp_path: Path) -> None:
     [
         ("training", ["--use_multicur", "False"],
          ["--use_multicur: no config id 'use_multicur' in train.yaml; did you mean --use_multicure",
-          "--allowed_new_ids \"['use_multicur']\""]),
+          "--allowed_new_ids \"['loss_terms', 'use_multicur']\""]),
         ("evaluating", ["--validation_ky", "test"], ["did you mean --validation_key"]),
         ("training", ["--pseudo_label_threshold", "1.5", "--output_dir", "{blocker}/eval"],
          ["config check failed with 2 values out of range",
