@@ -73,6 +73,11 @@ class IterationContext:
     _teacher: tuple | None = None
 
     @property
+    def teacher_index(self) -> int:
+        """0 predictive, 1 auxiliary, 2 EMA; 0 when no row asked for a teacher this iteration."""
+        return 0 if self._teacher is None else int(self._teacher[0])
+
+    @property
     def teacher(self) -> tuple[int, torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
         """``(index, detached teacher probabilities (B, N, H, W, D), students' (logits, probs))``; see
         :func:`~multicure_monai.engines.teachers.select_teacher`."""

@@ -365,7 +365,7 @@ class SemiSupervisedTrainer(SupervisedTrainer):
                     "diag_fg_label": (labels != 0).float().mean(),
                     "diag_fg_predictive": (out.logits_p[:n_l].argmax(dim=1) != 0).float().mean(),
                     "diag_fg_auxiliary": (out.logits_a[:n_l].argmax(dim=1) != 0).float().mean(),
-                    "diag_teacher": torch.as_tensor(float(ctx._teacher[0] if ctx._teacher is not None else 0)),
+                    "diag_teacher": torch.as_tensor(float(ctx.teacher_index)),
                     "diag_uncertain_fraction": (out.probs_p.amax(dim=1) < self.uncertainty_threshold).float().mean(),
                 }
             )
