@@ -66,6 +66,11 @@ ARMS: dict[str, Any] = {
     "labelled": ["--contrastive_anchors", "labelled"],  # eq. 5 on the uncertain labelled voxels
     "level1": ["--multicure_level", "1"],  # the block on the half-resolution decoder stage (the paper's place)
     "paper": {"configs": ["bundle/configs/paper.yaml"], "args": []},  # the paper's reading of every switch
+    "mutual": ["--teacher", "mutual"],  # CPS: each net's confident argmax trains the other
+    "perturb": ["--teacher", "mutual", "--student_view", "perturb"],  # ... the students on a noisy, flipped view
+    "cp": ["--teacher", "mutual", "--student_view", "copy_paste"],  # ... on BCP's copy-paste mix
+    "bcp": ["--teacher", "ema", "--student_view", "copy_paste"],  # BCP: an EMA teacher and the copy-paste mix
+    "mistake": ["--lambda_mistake", "0.5"],  # MCF's correction on labelled voxels where the nets disagree
 }
 
 

@@ -34,6 +34,7 @@ __all__ = [
     "SupervisedTerm",
     "PseudoLabelTerm",
     "XORRegularizationTerm",
+    "LabelledDisagreementTerm",
     "ContrastiveTerm",
     "call_with_stats",
     "check_loss_terms",
@@ -56,6 +57,7 @@ class IterationContext:
     are the labelled images' integer labels; ``n_l`` the number of labelled images. The teacher of the iteration
     is chosen on first use of :attr:`teacher` (after the supervised terms, which record each net's ``L_s`` in
     ``supervised`` for MCF's ``better`` teacher), under ``autocast`` (the trainer's forward-pass precision).
+    ``view_targets``: with a student view (:mod:`.student_views`), the teachers' targets of the unlabelled rows.
     """
 
     x: torch.Tensor
@@ -69,18 +71,19 @@ class IterationContext:
     teacher_name: str = "predictive"
     ema_network: torch.nn.Module | None = None
     autocast: Callable[[], Any] = contextlib.nullcontext
+    view_targets: Mapping[str, torch.Tensor] | None = None
     supervised: dict[str, torch.Tensor] = field(default_factory=dict)
     _teacher: tuple | None = None
 
     @property
     def teacher_index(self) -> int:
-        """0 predictive, 1 auxiliary, 2 EMA; 0 when no row asked for a teacher this iteration."""
+        """0 predictive, 1 auxiliary, 2 EMA, 3 mutual; 0 when no row asked for a teacher this iteration."""
         return 0 if self._teacher is None else int(self._teacher[0])
 
     @property
-    def teacher(self) -> tuple[int, torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
-        """``(index, detached teacher probabilities (B, N, H, W, D), students' (logits, probs))``; see
-        :func:`~multicure_monai.engines.teachers.select_teacher`."""
+    def teacher(self) -> tuple[int, torch.Tensor, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+        """``(index, detached teacher probabilities (B, N, H, W, D), students' (logits, probs, target probs))``;
+        see :func:`~multicure_monai.engines.teachers.select_teacher`."""
         if self._teacher is None:
             sup = [self.supervised.get(n) for n in NETWORK_NAMES]
             with self.autocast():  # the EMA teacher's forward pass runs like the nets'
@@ -90,6 +93,8 @@ class IterationContext:
                     (self.logits["predictive"], self.probs["predictive"], sup[0]),
                     (self.logits["auxiliary"], self.probs["auxiliary"], sup[1]),
                     self.ema_network,
+                    self.view_targets,
+                    self.n_l,
                 )
         return self._teacher
 
@@ -184,10 +189,9 @@ class PseudoLabelTerm:
         self.loss = loss
 
     def __call__(self, ctx: IterationContext) -> tuple[torch.Tensor, dict[str, Any]]:
-        _, teacher_probs, students = ctx.teacher
         terms, fractions = [], []
-        for logits, _ in students:
-            term, stats = call_with_stats(self.loss, logits[ctx.n_l :].float(), teacher_probs[ctx.n_l :])
+        for logits, _, target in ctx.teacher[2]:
+            term, stats = call_with_stats(self.loss, logits[ctx.n_l :].float(), target[ctx.n_l :])
             terms.append(term)
             if "mask_fraction" in stats:
                 fractions.append(float(stats["mask_fraction"]))
@@ -201,17 +205,38 @@ class XORRegularizationTerm:
     Args:
         loss: ``loss(student_probs, target_probs)``, e.g. :class:`~multicure_monai.losses.XORRegularizationLoss`.
         detach_teacher: compare with the teacher's detached probabilities (eq. 2); ``False`` with the predictive
-            teacher also pulls the predictive net towards the auxiliary one (MCF's mutual correction).
+            teacher also pulls the predictive net towards the auxiliary one (MCF's mutual correction; not with a
+            student view, whose targets are the clean crops' detached probabilities).
     """
 
     def __init__(self, loss: Callable, detach_teacher: bool = True) -> None:
         self.loss, self.detach_teacher = loss, detach_teacher
 
     def __call__(self, ctx: IterationContext) -> torch.Tensor:
-        _, teacher_probs, students = ctx.teacher
-        mutual = not self.detach_teacher and ctx.teacher_name == "predictive"
-        target = (ctx.probs["predictive"] if mutual else teacher_probs)[ctx.n_l :]
-        return _sum(self.loss(probs[ctx.n_l :], target) for _, probs in students)
+        mutual = not self.detach_teacher and ctx.teacher_name == "predictive" and ctx.view_targets is None
+        n_l = ctx.n_l
+        return _sum(
+            self.loss(probs[n_l:], (ctx.probs["predictive"] if mutual else target)[n_l:])
+            for _, probs, target in ctx.teacher[2]
+        )
+
+
+class LabelledDisagreementTerm:
+    """MCF's mistake correction on the labelled images: where the two nets' argmaxes disagree, each net's squared
+    distance to the one-hot ground truth, averaged over the disagreeing voxels (Wang et al., CVPR 2023).
+
+    Unlike ``L_reg`` on unlabelled voxels (eq. 2), whose target is the teacher, this one corrects with the truth.
+    """
+
+    def __call__(self, ctx: IterationContext) -> tuple[torch.Tensor, dict[str, Any]]:
+        n_l, labels = ctx.n_l, ctx.labels.long()
+        probs = {net: ctx.probs[net][:n_l] for net in NETWORK_NAMES}
+        disagree = (probs["predictive"].argmax(1, keepdim=True) != probs["auxiliary"].argmax(1, keepdim=True)).float()
+        truth = torch.zeros_like(probs["predictive"]).scatter_(1, labels, 1.0)
+        count = disagree.sum()
+        squared = (((p - truth) ** 2).mean(1, keepdim=True) for p in probs.values())
+        total = _sum(d.mul(disagree).sum() / (count + 1e-6) for d in squared)
+        return total, {"disagreement_fraction": (count / disagree.numel()).detach()}
 
 
 class ContrastiveTerm:

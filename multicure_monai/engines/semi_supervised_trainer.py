@@ -27,12 +27,11 @@ One iteration (``L = L_s + lambda_u * L_u + lambda_c(t) * L_c``, eqs. 1-3 of the
           on unlabelled ones;
           conf is always the predictive net's confidence (it is the net that defines uncertainty).
 
-Which net teaches (``teacher``): ``"predictive"`` is the paper (the V-Net's pseudo labels train the auxiliary
-net); ``"better"`` is MCF's dynamic competition (each iteration the net with the lower ``L_s`` on the labelled
-batch teaches the other, so a worse or collapsing V-Net never teaches); ``"ema"`` is UA-MT/mean-teacher style
-(an exponential moving average of the predictive net teaches both nets). The uncertainty map fed to MultiCURE is
-always the predictive net's (the architecture's coupling); the reliable/uncertain split and the pseudo labels of
-``L_u`` and ``L_c`` come from the teacher.
+Which net teaches (``teacher``, :mod:`.teachers`): ``"predictive"`` (the paper), ``"better"`` (MCF: the net with the
+lower labelled ``L_s`` of the iteration), ``"ema"`` (a mean teacher of the predictive net trains both) or
+``"mutual"`` (CPS: each net trains the other). What the students see (``student_view``, :mod:`.student_views`): the
+teacher's crop (the paper), or a perturbed or copy-pasted view whose targets come from the teachers' pass on the
+clean crop. The uncertainty map fed to MultiCURE is always the predictive net's.
 
 The loss is a table of terms (:mod:`.loss_terms`): ``name -> (what it computes, weight schedule, nets it trains,
 batch part)``. The total, the gradient diagnostics, the NaN check and what is logged come from that table, so a new
@@ -65,7 +64,7 @@ from torch.optim.optimizer import Optimizer
 from multicure_monai.engines.cycling_loader import CyclingLoader
 from multicure_monai.engines.diagnostics import check_finite_losses, loss_gradient_norms
 from multicure_monai.engines.loss_terms import IterationContext, LossTerm, check_loss_terms
-from multicure_monai.engines.teachers import TEACHERS
+from multicure_monai.engines.teachers import TEACHERS, clean_view_probabilities
 from multicure_monai.errors import BundleInputError
 from multicure_monai.networks.two_nets import TwoNetOutput, forward_two_nets
 from multicure_monai.precision import (
@@ -111,6 +110,10 @@ class SemiSupervisedTrainer(SupervisedTrainer):
             sends into each net (``diag_grad_<name>_<net>``; one extra backward pass per row); 0 disables.
         predictive_uses_uncertainty: the predictive net holds a MultiCURE block (authors' released code); it
             then gets the uncertainty map of a first, gradient-free pass of itself.
+        student_view: what the students see of the unlabelled crops (:mod:`.student_views`, e.g.
+            :class:`~multicure_monai.engines.student_views.CopyPasteView`): the teachers first run on the clean
+            crops without gradient (:func:`~multicure_monai.engines.teachers.clean_view_probabilities`), then
+            both nets train on the view against the view's targets. ``None`` (the paper): the same crop.
         supervised_only: ablation baseline; keeps the table's ``"labelled"`` rows only (same networks, same
             budget); the unlabelled loader is ignored.
         empty_unlabeled: what to do when there is no unlabelled data: ``"warn"`` (fall back to
@@ -144,6 +147,7 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         ema_network: torch.nn.Module | None = None,
         diagnostics_interval: int = 0,
         predictive_uses_uncertainty: bool = False,
+        student_view: Callable | None = None,
         supervised_only: bool = False,
         empty_unlabeled: str = "warn",
         channels_last: bool = False,
@@ -184,6 +188,7 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         self.predictive_uses_uncertainty = predictive_uses_uncertainty
         self.teacher = teacher
         self.ema_network = ema_network
+        self.student_view = student_view
         self.diagnostics_interval = int(diagnostics_interval)
         self.memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
 
@@ -277,7 +282,13 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         if y_l is None:
             raise ValueError("the labelled loader must provide 'label'.")
         x_u = None if self.supervised_only else self._next_unlabeled()
-        n_l = x_l.shape[0]
+        n_l, view_targets = x_l.shape[0], None
+        if x_u is not None and self.student_view is not None:
+            with self.autocast():
+                clean = clean_view_probabilities(self.teacher, self.network, self.aux_network, x_u,
+                                                 self.uncertainty_threshold, self.predictive_uses_uncertainty,
+                                                 self.ema_network)  # fmt: skip
+            x_u, view_targets = self.student_view(x_l, y_l, x_u, clean)
         x = (x_l if x_u is None else torch.cat([x_l, x_u], dim=0)).contiguous(memory_format=self.memory_format)
         weights = {name: row.weight_at(engine.state.iteration) for name, row in self.loss_terms.items()}
         engine.state.output = {Keys.IMAGE: x_l, Keys.LABEL: y_l}
@@ -285,7 +296,7 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         self.network.train()
         self.aux_network.train()
         self.optimizer.zero_grad(set_to_none=self.optim_set_to_none)
-        terms, weighted = self._compute_losses(x, y_l, n_l, weights)
+        terms, weighted = self._compute_losses(x, y_l, n_l, weights, view_targets)
         interval = self.diagnostics_interval
         if interval and engine.state.iteration % interval == 0:
             nets = {"predictive": self.network, "auxiliary": self.aux_network}
@@ -317,7 +328,12 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         return engine.state.output
 
     def _compute_losses(
-        self, x: torch.Tensor, y_l: torch.Tensor, n_l: int, weights: Mapping[str, float]
+        self,
+        x: torch.Tensor,
+        y_l: torch.Tensor,
+        n_l: int,
+        weights: Mapping[str, float],
+        view_targets: Mapping[str, torch.Tensor] | None = None,
     ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """Forward both nets on ``x`` (labelled first) and evaluate every row of non-zero weight, in table order.
 
@@ -343,6 +359,7 @@ class SemiSupervisedTrainer(SupervisedTrainer):
             teacher_name=self.teacher,
             ema_network=self.ema_network,
             autocast=self.autocast,
+            view_targets=view_targets,
         )
         terms: dict[str, Any] = {}
         weighted: dict[str, torch.Tensor] = {}

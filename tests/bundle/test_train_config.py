@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from monai.bundle import ConfigParser
 
 CONFIGS = Path(__file__).resolve().parents[2] / "bundle" / "configs"
@@ -37,7 +38,9 @@ def test_validation_scores_each_net_next_to_the_ensemble() -> None:
                 assert f"val_{net}{metric}" in additional
 
 
-@pytest.mark.parametrize("teacher, has_ema", [("predictive", False), ("better", False), ("ema", True)])
+@pytest.mark.parametrize(
+    "teacher, has_ema", [("predictive", False), ("better", False), ("ema", True), ("mutual", False)]
+)
 def test_ema_teacher_is_checkpointed(teacher: str, has_ema: bool) -> None:
     parser = _parser(teacher=teacher, roi_size=[32, 32, 32])
     keys = set(parser.get_parsed_content("checkpoint_dict"))
@@ -98,3 +101,34 @@ def test_lr_policy_switch(policy: str, last_lr: float) -> None:
         scheduler.optimizer.step()
         scheduler.step()
     assert scheduler.optimizer.param_groups[0]["lr"] == pytest.approx(last_lr)
+
+
+@pytest.mark.parametrize(
+    "view, cls", [("none", "NoneType"), ("perturb", "PerturbedView"), ("copy_paste", "CopyPasteView")]
+)
+def test_student_view_switch_reaches_the_trainer(view: str, cls: str) -> None:
+    parser = _parser(student_view=view, roi_size=[32, 32, 32])
+    assert type(parser.get_parsed_content("train#trainer#student_view")).__name__ == cls
+
+
+@pytest.mark.parametrize("lambda_mistake, rows", [(0.0, ["sup", "pseudo", "reg", "contrastive"]),
+                                                  (0.5, ["sup", "pseudo", "reg", "mistake", "contrastive"])])  # fmt: skip
+def test_mistake_row_is_in_the_table_only_when_weighted(lambda_mistake: float, rows: list) -> None:
+    table = _parser(lambda_mistake=lambda_mistake).get_parsed_content("loss_terms")
+    assert list(table) == rows
+    if lambda_mistake:
+        assert (table["mistake"].weight_at(1), table["mistake"].part) == (0.5, "labelled")
+
+
+@pytest.mark.parametrize("warmup", [True, False])
+def test_ema_teacher_warm_up_switch(warmup: bool) -> None:
+    parser = _parser(teacher="ema", ema_warmup=warmup, roi_size=[32, 32, 32])
+    ema, net = parser.get_parsed_content("ema_network"), parser.get_parsed_content("predictive_network")
+    ema.update_parameters(net)
+    before = next(ema.module.parameters()).clone()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    ema.update_parameters(net)
+    moved = float(next(ema.module.parameters()).sub(before).abs().max())
+    assert moved == pytest.approx(0.5 if warmup else 0.01, abs=1e-4)

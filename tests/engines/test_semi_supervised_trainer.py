@@ -258,6 +258,7 @@ def _pseudo_grads(trainer: SemiSupervisedTrainer, sup_p: float, sup_a: float) ->
         ("better", 1.0, 0.5, True, False, 1),  # MCF: the auxiliary net has the lower L_s, so it teaches
         ("better", 0.5, 1.0, False, True, 0),
         ("ema", 1.0, 0.5, True, True, 2),  # the EMA teacher trains both nets
+        ("mutual", 1.0, 0.5, True, True, 3),  # CPS: each net trains the other
     ],
 )
 def test_teacher_choice_decides_which_net_learns_from_pseudo_labels(
