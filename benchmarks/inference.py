@@ -26,6 +26,10 @@ stride 9x9x2) and the full-resolution one (la.yaml), the deployed ensemble next 
     python benchmarks/inference.py --la --amp --device cuda --repeats 3  # GPU, with bf16 / fp16 autocast
     python benchmarks/inference.py --la --amp --models ensemble          # CPU: fp32 and bf16 side by side
     python benchmarks/inference.py --sw-batch-sizes 1 2 4 --no-channels-last-compare
+
+``--la`` also runs the peers' test loop (UA-MT / MCF ``test_single_case``, re-stated: one window at a time,
+contiguous float32, probabilities accumulated in a numpy float32 map) with the same nets and prints each model's
+fastest bundle time over it, with the labels' agreement (``--no-one-window-loop`` skips it).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import statistics
 import time
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from multicure_monai.networks.ensemble import DualNetworkEnsemble
@@ -118,6 +123,52 @@ def run_config(
     return times, counting.windows, out.float()
 
 
+def one_window_loop(image: torch.Tensor, net: torch.nn.Module, roi: Sequence[int], stride: Sequence[int]) -> np.ndarray:
+    """The peers' sliding window (UA-MT / MCF ``test_single_case``): window corners ``min(stride * k, size - roi)``,
+    one window per call, softmax accumulated in numpy float32 and divided by the window count; returns the
+    ``(N, H, W, D)`` probabilities. ``net`` returns logits (or log-probabilities) of ``(1, C, *roi)``."""
+    size = image.shape[2:]
+    counts = [int(np.ceil((s - r) / st)) + 1 for s, r, st in zip(size, roi, stride)]
+    score, seen = None, np.zeros(tuple(size), dtype=np.float32)
+    with torch.inference_mode():
+        for i in range(counts[0]):
+            for j in range(counts[1]):
+                for k in range(counts[2]):
+                    a, b, c = (min(st * n, s - r) for st, n, s, r in zip(stride, (i, j, k), size, roi))
+                    window = image[:, :, a : a + roi[0], b : b + roi[1], c : c + roi[2]].contiguous()
+                    probs = torch.softmax(net(window).float(), dim=1)[0].cpu().numpy()
+                    if score is None:
+                        score = np.zeros((probs.shape[0], *size), dtype=np.float32)
+                    score[:, a : a + roi[0], b : b + roi[1], c : c + roi[2]] += probs
+                    seen[a : a + roi[0], b : b + roi[1], c : c + roi[2]] += 1
+    assert score is not None
+    return score / seen[None]
+
+
+def _peer_comparison(device: torch.device, geometries: Sequence, models: Sequence[str], best_rows: Sequence,
+                     form: str, level: int, repeats: int) -> None:  # fmt: skip
+    """Time :func:`one_window_loop` with contiguous float32 nets and print the bundle's ratio to it."""
+    for (shape, roi, stride), rows in zip(geometries, best_rows):
+        torch.manual_seed(1)
+        image = torch.randn(1, 1, *shape, device=device)
+        for model in models:
+            net = build(device, False, model=model, form=form, level=level)
+            times = []
+            for _ in range(repeats):
+                _sync(device)
+                t0 = time.perf_counter()
+                probs = one_window_loop(image, net, roi, stride)
+                _sync(device)
+                times.append(time.perf_counter() - t0)
+            ours = min((r for r in rows if r[5] == model), key=lambda r: r[0])
+            agree = float((probs.argmax(0) == ours[7]).mean())
+            fg, ref = probs.argmax(0) > 0, ours[7] > 0
+            dice = 2 * float((fg & ref).sum()) / max(1, int(fg.sum() + ref.sum()))
+            print(f"{model} on {'x'.join(map(str, shape))}: one-window loop {min(times):.2f} s (best of {repeats}); "
+                  f"bundle's fastest ({ours[1]} windows/call, {ours[2]}, amp={ours[3]}) {ours[0]:.2f} s = "
+                  f"{ours[0] / min(times):.2f}x; labels equal on {agree:.4%} of voxels, fg Dice {dice:.4f}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -136,6 +187,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--multicure-form", default="authors", choices=list(MULTICURE_FORMS), help="the bundle's default")
     p.add_argument("--multicure-level", type=int, default=2, help="decoder level of the block (the bundle's: 2)")
+    p.add_argument("--no-one-window-loop", action="store_true", help="with --la: skip the peers' one-window loop")
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
@@ -179,6 +231,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         if len(models) == 2:
             fastest = {m: min(r[0] for r in rows if r[5] == m) for m in models}
             print(f"ensemble / predictive alone on {geometry}: {fastest['ensemble'] / fastest['predictive']:.2f}x time")
+    if args.la and not args.no_one_window_loop:
+        _peer_comparison(device, geometries, models, best_rows, form, level, args.repeats)
 
 
 def _time_geometry(
@@ -191,7 +245,8 @@ def _time_geometry(
     amp_dtypes: Sequence[torch.dtype | None],
     batch_sizes: Sequence[int],
 ) -> list[tuple]:
-    """Print the table of one volume geometry; returns ``(best s, sw_batch, format, amp, diff, model, windows)``."""
+    """Print the table of one volume geometry; returns ``(best s, sw_batch, format, amp, diff, model, windows,
+    labels)`` per configuration."""
     torch.manual_seed(1)
     image = torch.randn(1, 1, *shape, device=device)
     print(f"volume 1x1x{'x'.join(map(str, shape))}, roi {'x'.join(map(str, roi))}, stride {'x'.join(map(str, stride))}")
@@ -232,7 +287,7 @@ def _time_geometry(
                     f"{windows / t:>7.2f} {diff:>10.2e} {label_diff:>10.2e} {dice:>7.4f}{mem}",
                     flush=True,
                 )
-                rows.append((t, bs, fmt_name, amp_name, diff, model, windows))
+                rows.append((t, bs, fmt_name, amp_name, diff, model, windows, labels[0].cpu().numpy()))
     return rows
 
 

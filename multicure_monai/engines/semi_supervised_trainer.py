@@ -283,7 +283,10 @@ class SemiSupervisedTrainer(SupervisedTrainer):
             raise ValueError("the labelled loader must provide 'label'.")
         x_u = None if self.supervised_only else self._next_unlabeled()
         n_l, view_targets = x_l.shape[0], None
+        self.network.train()
+        self.aux_network.train()
         if x_u is not None and self.student_view is not None:
+            x_u = x_u.contiguous(memory_format=self.memory_format)
             with self.autocast():
                 clean = clean_view_probabilities(self.teacher, self.network, self.aux_network, x_u,
                                                  self.uncertainty_threshold, self.predictive_uses_uncertainty,
@@ -292,9 +295,6 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         x = (x_l if x_u is None else torch.cat([x_l, x_u], dim=0)).contiguous(memory_format=self.memory_format)
         weights = {name: row.weight_at(engine.state.iteration) for name, row in self.loss_terms.items()}
         engine.state.output = {Keys.IMAGE: x_l, Keys.LABEL: y_l}
-
-        self.network.train()
-        self.aux_network.train()
         self.optimizer.zero_grad(set_to_none=self.optim_set_to_none)
         terms, weighted = self._compute_losses(x, y_l, n_l, weights, view_targets)
         interval = self.diagnostics_interval

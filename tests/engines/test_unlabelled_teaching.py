@@ -80,3 +80,19 @@ def test_labelled_disagreement_term_known_value() -> None:
     # voxel 2, truth (0, 1): predictive (0.8, 0.2) -> 0.64; auxiliary (0.3, 0.7) -> 0.09 (mean over 2 channels)
     torch.testing.assert_close(loss, torch.tensor(0.64 + 0.09), atol=1e-5, rtol=0)
     torch.testing.assert_close(stats["disagreement_fraction"], torch.tensor(0.5))
+
+
+def test_the_clean_pass_runs_the_nets_in_training_mode() -> None:
+    """After a validation left the nets in eval mode, the teachers' clean pass still uses batch statistics."""
+    modes: list[tuple[bool, bool]] = []
+    trainer = _trainer(iterations=1)
+
+    def view(x_l, y_l, x_u, targets):
+        modes.append((trainer.network.training, trainer.aux_network.training))
+        return x_u, dict(targets)
+
+    trainer.student_view = view
+    trainer.network.eval()
+    trainer.aux_network.eval()
+    trainer.run()
+    assert modes == [(True, True)]
