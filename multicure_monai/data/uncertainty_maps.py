@@ -4,7 +4,8 @@ The deployed model's softmax says where it is unsure; :class:`UncertaintyMapsd` 
 single-channel images next to the prediction, carrying its metadata (so ``SaveImaged`` writes them on the input
 image's grid): ``<key>_confidence`` (max class probability), ``<key>_entropy`` (normalised to ``[0, 1]``) and
 ``<key>_uncertain`` (1 where the confidence is below the threshold of training, the map MultiCURE receives).
-MONAI has no transform for these maps; they reuse :mod:`multicure_monai.uncertainty`.
+MONAI has no transform for these maps; they reuse :mod:`multicure_monai.uncertainty`. :func:`uncertainty_map_savers`
+writes them.
 """
 
 from __future__ import annotations
@@ -12,14 +13,15 @@ from __future__ import annotations
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform
+from monai.transforms import MapTransform, SaveImaged
 
 from multicure_monai.uncertainty import confidence, entropy, uncertainty_map
 
-__all__ = ["UncertaintyMapsd", "MAP_NAMES"]
+__all__ = ["UncertaintyMapsd", "MAP_NAMES", "uncertainty_map_savers"]
 
 #: Suffixes of the written items, in order.
 MAP_NAMES = ("confidence", "entropy", "uncertain")
@@ -68,3 +70,36 @@ class UncertaintyMapsd(MapTransform):
                     image = MetaTensor(image, meta=dict(probs.meta), applied_operations=list(probs.applied_operations))
                 d[f"{key}_{name}"] = image
         return d
+
+
+def uncertainty_map_savers(
+    maps: Sequence[str], output_dir: str, writer: Any = None, key: str = "pred"
+) -> list[SaveImaged]:
+    """One :class:`monai.transforms.SaveImaged` per map of :class:`UncertaintyMapsd`, next to the mask.
+
+    Map ``m`` is read from ``<key>_<m>`` and written as ``<image>_<m>`` to ``output_dir`` on the item's own grid
+    (no resampling, no per-case folder, no log line): ``uncertain`` as uint8, the others as float32.
+
+    Args:
+        maps: which of :data:`MAP_NAMES` to write, in order.
+        output_dir: folder of the written images.
+        writer: image writer class or name passed to ``SaveImaged`` (e.g. the bundle's atomic NIfTI writer);
+            ``None``: MONAI's choice by extension.
+        key: the probabilities' key that :class:`UncertaintyMapsd` was applied to.
+
+    Returns:
+        The transforms, in the order of ``maps``.
+    """
+    return [
+        SaveImaged(
+            keys=f"{key}_{m}",
+            output_dir=output_dir,
+            output_postfix=m,
+            output_dtype=np.uint8 if m == "uncertain" else np.float32,
+            resample=False,
+            separate_folder=False,
+            print_log=False,
+            writer=writer,
+        )
+        for m in maps
+    ]

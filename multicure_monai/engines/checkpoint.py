@@ -10,8 +10,8 @@ from here):
 * :mod:`~multicure_monai.engines.checkpoint_loader`: :func:`safe_load` (``torch.load(weights_only=True)``
   with one clear error per failure, :class:`CorruptCheckpointError` / :class:`UnsafeCheckpointError`, each
   naming the file) and MONAI's loader on top of it, :class:`SafeCheckpointLoader`.
-* :mod:`~multicure_monai.engines.checkpoint_resume`: :func:`find_latest_checkpoint` and
-  :class:`ResumeCheckpointLoader` (``resume: true | false | auto``).
+* :mod:`~multicure_monai.engines.checkpoint_resume`: :func:`find_latest_checkpoint`,
+  :class:`ResumeCheckpointLoader` (``resume: true | false | auto``) and :func:`resume_checkpoint_dict`.
 * :mod:`~multicure_monai.engines.checkpoint_architecture`: the switches that shape the networks, recorded
   with each checkpoint and compared on loading (:func:`check_architecture`; :func:`check_loaders` of the loader
   module checks MONAI's own loader).
@@ -37,7 +37,7 @@ from .checkpoint_loader import (
     check_loaders,
     safe_load,
 )
-from .checkpoint_resume import ResumeCheckpointLoader, find_latest_checkpoint
+from .checkpoint_resume import ResumeCheckpointLoader, find_latest_checkpoint, resume_checkpoint_dict
 from .checkpoint_saver import AtomicCheckpointSaver, AtomicDiskSaver, atomic_torch_save
 
 __all__ = [
@@ -55,6 +55,7 @@ __all__ = [
     "remove_stale_partials",
     "safe_load",
     "find_latest_checkpoint",
+    "resume_checkpoint_dict",
     "AtomicDiskSaver",
     "AtomicCheckpointSaver",
     "SafeCheckpointLoader",

@@ -4,6 +4,7 @@
 :class:`~multicure_monai.engines.checkpoint_saver.AtomicCheckpointSaver`) and loads it into the nets,
 optimizer, lr scheduler, trainer (iteration/epoch counters) and the ``models/model.pt`` saver, for
 ``resume: true`` (a missing checkpoint is an error) or ``resume: auto`` (start fresh when there is none).
+:func:`resume_checkpoint_dict` names what such a checkpoint holds.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from multicure_monai.errors import BundleInputError, MissingFileError
 
 from .checkpoint_loader import SafeCheckpointLoader
 
-__all__ = ["find_latest_checkpoint", "ResumeCheckpointLoader"]
+__all__ = ["find_latest_checkpoint", "resume_checkpoint_dict", "ResumeCheckpointLoader"]
 
 _CKPT_RE = re.compile(r"iteration=(\d+)\.pt$")
 
@@ -45,6 +46,42 @@ def find_latest_checkpoint(ckpt_dir: str | os.PathLike, pattern: str = "*iterati
         if m and (best is None or int(m.group(1)) > best[0]):
             best = (int(m.group(1)), path)
     return None if best is None else best[1]
+
+
+def resume_checkpoint_dict(
+    network: Any,
+    aux_network: Any,
+    optimizer: Any,
+    lr_scheduler: Any,
+    model_saver: Any,
+    ema_network: Any | None = None,
+) -> dict[str, Any]:
+    """What a resume checkpoint holds: the objects that are saved to it and loaded from it, by key.
+
+    The keys are the names of the arguments, in this order; ``ema_network`` only when there is one (the EMA
+    teacher), so a checkpoint of a run without it has no such key.
+
+    Args:
+        network: the predictive net.
+        aux_network: the auxiliary net.
+        optimizer: the optimizer of both nets.
+        lr_scheduler: its learning-rate scheduler.
+        model_saver: the saver of ``models/model.pt`` (its best metric so far).
+        ema_network: the EMA teacher, or ``None``.
+
+    Returns:
+        The ``save_dict`` / ``load_dict`` of the resume checkpoint saver and loader.
+    """
+    objects = {
+        "network": network,
+        "aux_network": aux_network,
+        "optimizer": optimizer,
+        "lr_scheduler": lr_scheduler,
+        "model_saver": model_saver,
+    }
+    if ema_network is not None:
+        objects["ema_network"] = ema_network
+    return objects
 
 
 class ResumeCheckpointLoader(SafeCheckpointLoader):

@@ -7,7 +7,13 @@ from __future__ import annotations
 
 from .calibration import UncertaintyMetric, boundary_band, uncertainty_scores
 from .study_uncertainty import STUDY_MEASURES, STUDY_REGIONS, study_uncertainty
-from .handlers import LabelToOneHot, calibration_metric_handlers, segmentation_metric_handlers
+from .handlers import (
+    LabelToOneHot,
+    additional_metric_handlers,
+    calibration_metric_handlers,
+    member_metric_handlers,
+    segmentation_metric_handlers,
+)
 from .surface_distance import (
     EMPTY_DIAGONAL,
     EmptyAwareHausdorffDistanceMetric,
@@ -23,9 +29,11 @@ __all__ = [
     "STUDY_MEASURES",
     "STUDY_REGIONS",
     "UncertaintyMetric",
+    "additional_metric_handlers",
     "boundary_band",
     "calibration_metric_handlers",
     "grid_diagonal",
+    "member_metric_handlers",
     "segmentation_metric_handlers",
     "study_uncertainty",
     "uncertainty_scores",

@@ -2,12 +2,14 @@
 
 The distance metrics and their empty-mask convention live in :mod:`multicure_monai.metrics.surface_distance`;
 this module only chooses their settings and feeds them one-hot ``(y_pred, y)`` (:class:`LabelToOneHot`); the
-calibration and uncertainty metrics of :mod:`.calibration` are wired the same way.
+calibration and uncertainty metrics of :mod:`.calibration` are wired the same way. The bundle's validation scores
+each member net next to the ensemble (:func:`member_metric_handlers`) and reports every metric but the key
+metric as an additional one (:func:`additional_metric_handlers`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -24,7 +26,13 @@ from .surface_distance import (
     SpacingArg,
 )
 
-__all__ = ["LabelToOneHot", "calibration_metric_handlers", "segmentation_metric_handlers"]
+__all__ = [
+    "LabelToOneHot",
+    "additional_metric_handlers",
+    "calibration_metric_handlers",
+    "member_metric_handlers",
+    "segmentation_metric_handlers",
+]
 
 
 class LabelToOneHot:
@@ -170,4 +178,57 @@ def calibration_metric_handlers(
             handlers[prefix + metric.key] = IgniteMetricHandler(
                 metric_fn=metric, output_transform=output_transform, save_details=save_details
             )
+    return handlers
+
+
+def member_metric_handlers(
+    num_classes: int = 2, members: Sequence[str] = ("predictive", "auxiliary"), prefix: str = "val_"
+) -> dict[str, Metric]:
+    """:func:`segmentation_metric_handlers` of each member net's prediction, next to the ensemble's.
+
+    For each member ``m`` (in order) the four metrics are named ``{prefix}{m}_mean_dice``, ``{prefix}{m}_jaccard``,
+    ``{prefix}{m}_hd95``, ``{prefix}{m}_asd`` and read ``(pred_{m}, label)`` from the decollated output (the
+    bundle's postprocessing splits the members' predictions off with
+    :class:`~multicure_monai.data.member_outputs.SplitMembersd`).
+
+    Args:
+        num_classes: classes including background.
+        members: names of the member nets.
+        prefix: prepended to every metric name, before the member's name.
+
+    Returns:
+        Metric name -> ignite metric, member by member.
+    """
+    return {
+        name: metric
+        for member in members
+        for name, metric in segmentation_metric_handlers(
+            num_classes=num_classes,
+            prefix=prefix + member + "_",
+            output_transform=from_engine(["pred_" + member, "label"]),
+        ).items()
+    }
+
+
+def additional_metric_handlers(
+    metrics: Mapping[str, Metric], extra: Iterable[Mapping[str, Metric]] = (), key_metric: str = "val_mean_dice"
+) -> dict[str, Metric]:
+    """An evaluator's ``additional_metrics``: ``metrics`` without the key metric, then each mapping of ``extra``.
+
+    The key metric goes to the evaluator's ``key_val_metric`` instead (a metric must not be attached twice).
+    Merged as ``{**metrics_without_key, **extra[0], **extra[1], ...}``: the first insertion fixes a name's
+    position, a later mapping's value wins.
+
+    Args:
+        metrics: e.g. :func:`segmentation_metric_handlers`'s result, key metric included.
+        extra: further metric mappings, e.g. :func:`member_metric_handlers` and
+            :func:`calibration_metric_handlers`.
+        key_metric: the name left out of ``metrics``.
+
+    Returns:
+        A new dict of the same metric objects.
+    """
+    handlers = {name: metric for name, metric in metrics.items() if name != key_metric}
+    for more in extra:
+        handlers.update(more)
     return handlers

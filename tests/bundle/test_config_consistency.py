@@ -2,7 +2,8 @@
 
 inference.yaml stands alone (MONAI Label reads it without train.yaml), so this test is what keeps the copies
 equal: the deployed network's state-dict keys and shapes, the image preprocessing, the sliding window and the
-deployment settings, parsed exactly as the bundle runs them.
+deployment settings, parsed exactly as the bundle runs them. Also: every ``$`` expression of the configs fits one
+short line (the logic lives in named library functions).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from monai.bundle import ConfigParser
 
 CONFIGS = Path(__file__).resolve().parents[2] / "bundle" / "configs"
+MAX_LINE = 120  # characters of a line holding a $ expression
 OVERLAYS = [[], ["la.yaml"], ["la.yaml", "la_half.yaml"], ["pancreas.yaml"]]
 SWITCHES = [
     {},
@@ -94,3 +96,11 @@ def test_the_level_switch_moves_the_block() -> None:
     level1 = _summary(_parser("inference", [], {"multicure_level": 1}), "inference")["state_dict"]
     key = "auxiliary.decoder.multicure.branch_small.conv.weight"
     assert level1[key][0] == 32 and level2[key][0] == 64
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_expressions_fit_one_short_line(config: str) -> None:
+    """No line holding a ``$`` is longer than 120 characters (indentation included)."""
+    lines = (CONFIGS / config).read_text().splitlines()
+    long = [f"{config}:{n} ({len(line)})" for n, line in enumerate(lines, 1) if "$" in line and len(line) > MAX_LINE]
+    assert not long, f"move the logic into a named function: {long}"

@@ -12,10 +12,12 @@ import pytest
 from monai.data import load_decathlon_datalist
 
 from multicure_monai.data.datalist import (
+    inference_data,
     kfold_datalist,
     kfold_split,
     list_images,
     load_datalist,
+    unlabeled_data,
     validate_datalist,
     write_datalist,
 )
@@ -290,3 +292,34 @@ def test_list_images(tmp_path):
         list_images(tmp_path / "sub", suffixes=(".nii.gz",))
     with pytest.raises(FileNotFoundError):
         list_images(tmp_path / "nope")
+
+
+@pytest.mark.parametrize(
+    "lists, studies, expected",
+    [
+        ({"training": [], "unlabeled": [{"image": "u.nii.gz"}]}, None, ["u.nii.gz"]),
+        ({"training": []}, None, []),  # no unlabelled list: training without unlabelled data
+        ({"training": [], "unlabeled": [{"image": "u.nii.gz"}]}, [{"image": "s.nii.gz"}], ["s.nii.gz"]),
+        (None, [], []),  # an empty studies list wins too; the datalist is not read
+    ],
+)
+def test_unlabeled_data(tmp_path, lists, studies, expected):
+    path = None if lists is None else write_datalist(tmp_path / "dl.json", lists)
+    result = unlabeled_data(path, "unlabeled", studies)
+    assert [os.path.basename(i["image"]) for i in result] == expected
+    if studies is not None:
+        assert result is studies
+
+
+@pytest.mark.parametrize("use_folder", [True, False])
+@pytest.mark.parametrize("empty_folder", [None, ""])
+def test_inference_data(tmp_path, use_folder, empty_folder):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "a.nii.gz").write_bytes(b"x")
+    entry = {"image": str(folder / "a.nii.gz"), "label": "l.nii.gz"}
+    path = write_datalist(tmp_path / "dl.json", {"validation": [entry]})
+    if use_folder:
+        assert inference_data(folder, None, "validation") == [{"image": str(folder / "a.nii.gz")}]
+    else:
+        assert inference_data(empty_folder, path, "validation") == load_datalist(path, "validation")

@@ -7,8 +7,11 @@ import math
 import pytest
 import torch
 from monai.data import MetaTensor
+from monai.data.image_writer import NibabelWriter
 
-from multicure_monai.data.uncertainty_maps import UncertaintyMapsd
+import numpy as np
+
+from multicure_monai.data.uncertainty_maps import MAP_NAMES, UncertaintyMapsd, uncertainty_map_savers
 
 
 def test_maps_have_known_values_and_keep_the_metadata() -> None:
@@ -35,3 +38,16 @@ def test_only_the_requested_maps_and_valid_arguments() -> None:
         UncertaintyMapsd(keys="pred", maps=["variance"])
     with pytest.raises(ValueError):
         UncertaintyMapsd(keys="pred", threshold=1.0)
+
+
+@pytest.mark.parametrize("maps", [MAP_NAMES, ("uncertain",), ("entropy", "confidence"), ()])
+@pytest.mark.parametrize("key", ["pred", "prob"])
+def test_uncertainty_map_savers(tmp_path, maps, key) -> None:
+    savers = uncertainty_map_savers(maps, str(tmp_path), writer=NibabelWriter, key=key)
+    assert [s.keys for s in savers] == [(f"{key}_{m}",) for m in maps]
+    for m, s in zip(maps, savers):
+        assert s.saver.init_kwargs["output_dtype"] == (np.uint8 if m == "uncertain" else np.float32)
+        layout = vars(s.saver.folder_layout)
+        assert (layout["output_dir"], layout["postfix"], layout["parent"]) == (str(tmp_path), m, False)
+        assert s.saver.meta_kwargs["resample"] is False and s.saver.write_kwargs["verbose"] is False
+        assert s.saver.writers == (NibabelWriter,)
