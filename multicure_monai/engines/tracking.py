@@ -13,7 +13,8 @@ object in the list the trainer gets (``train#trainer_handlers`` in train.yaml):
 
 The validation metrics of every net (``val_mean_dice``, ``val_predictive_*``, ``val_auxiliary_*``) already
 reach MLflow through the handler MONAI appends to ``validate#handlers`` (the evaluator's metrics at each of its
-epochs), and the successful run ends FINISHED through the trainer handler's ``close_on_complete``.
+epochs), and the successful run ends FINISHED through the trainer handler's ``close_on_complete``. In
+``evaluating`` MONAI appends its evaluator handler to evaluate.yaml's ``handlers``, the list of its ``evaluator``.
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ def level2_bundle(make_phantoms) -> tuple[Path, Path]:
 
 
 @pytest.mark.parametrize(
-    "files, engine", [(["inference.yaml"], "evaluator"), (["train.yaml", "evaluate.yaml"], "validate#evaluator")]
+    "files, engine", [(["inference.yaml"], "evaluator"), (["train.yaml", "evaluate.yaml"], "evaluator")]
 )
 def test_mismatched_model_pt_names_the_switch(level2_bundle, files: list[str], engine: str) -> None:
     root, datalist = level2_bundle
