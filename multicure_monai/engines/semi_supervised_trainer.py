@@ -14,18 +14,11 @@ One iteration (``L = L_s + lambda_u * L_u + lambda_c(t) * L_c``, eqs. 1-3 of the
     U = max_c P < tau                                    binary uncertainty map, fed to MultiCURE
     A = softmax(auxiliary(x, U))                         student probabilities
     L_s = DiceCE(P_l, y_l) + DiceCE(A_l, y_l)            trains both nets
-    L_u = PL(A_u, argmax P_u | conf > 0.7)               trains the auxiliary net only (teacher detached)
+    L_u = PL(A_u, argmax P_u | conf > 0.7)               the teacher's students (by default the auxiliary net)
           + lambda_reg * L1(A_u, P_u on argmax A_u XOR argmax P_u)
-                                                         trains the auxiliary net only by default
-                                                         (``detach_predictive_in_reg=True``: eq. 2 compares A_u
-                                                         with the pseudo label); False also trains the
-                                                         predictive net (MCF's mutual correction)
-    L_c = sum over ``contrastive_networks`` and feature levels of the prototype contrastive loss (eqs. 4-5),
-          each net on its own projected decoder features; reliable voxels (conf > tau) build the class
-          prototypes, uncertain voxels (conf < tau, as in the uncertainty map) are pulled to their class
-          prototype; the class of a voxel is the ground truth on labelled images and the predictive net's argmax
-          on unlabelled ones;
-          conf is always the predictive net's confidence (it is the net that defines uncertainty).
+    L_c = prototype contrastive loss (eqs. 4-5) of each of ``contrastive_networks`` on its own decoder features:
+          reliable voxels (conf > tau) build the class prototypes, anchors are pulled to theirs; a voxel's class
+          is the ground truth on labelled images, the teacher's argmax elsewhere
 
 Which net teaches (``teacher``, :mod:`.teachers`): ``"predictive"`` (the paper), ``"better"`` (MCF: the net with the
 lower labelled ``L_s`` of the iteration), ``"ema"`` (a mean teacher of the predictive net trains both) or

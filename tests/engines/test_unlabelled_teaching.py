@@ -96,3 +96,22 @@ def test_the_clean_pass_runs_the_nets_in_training_mode() -> None:
     trainer.aux_network.eval()
     trainer.run()
     assert modes == [(True, True)]
+
+
+def test_ema_teacher_follows_the_predictive_net() -> None:
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    trainer = _trainer(iterations=3)
+    trainer.teacher = "ema"  # the EMA copy needs the trainer's own predictive net
+    trainer.ema_network = AveragedModel(trainer.network, multi_avg_fn=get_ema_multi_avg_fn(0.5), use_buffers=True)
+    start = [p.detach().clone() for p in trainer.ema_network.module.parameters()]
+    trainer.run()
+    ema = list(trainer.ema_network.module.parameters())
+    net = list(trainer.network.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(ema, start))  # it moved ...
+    assert all(float((e - n).abs().max()) <= float((s - n).abs().max()) + 1e-7 for e, s, n in zip(ema, start, net))
+
+
+def test_ema_teacher_needs_a_network() -> None:
+    with pytest.raises(ValueError, match="ema_network"):
+        _trainer(teacher="ema")
