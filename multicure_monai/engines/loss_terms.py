@@ -301,15 +301,19 @@ def method_loss_terms(
     contrastive_anchors: str = "band",
     contrastive_networks: Sequence[str] = NETWORK_NAMES,
     detach_predictive_in_reg: bool = True,
+    lambda_mistake: float = 0.0,
 ) -> dict[str, LossTerm]:
     """The method's table (``L = L_s + lambda_u (L_pseudo + lambda_reg L_reg) + lambda_c L_c``) from its parts;
-    a ``None`` loss leaves its row out. The bundle's train.yaml writes the same rows out."""
+    a ``None`` loss leaves its row out, and ``lambda_mistake > 0`` adds MCF's :class:`LabelledDisagreementTerm`.
+    The bundle's train.yaml writes the same rows out."""
     rows = {"sup": LossTerm(SupervisedTerm(supervised_loss), part="labelled")}
     if pseudo_label_loss is not None:
         rows["pseudo"] = LossTerm(PseudoLabelTerm(pseudo_label_loss), lambda_u, part="unlabelled")
     if regularization_loss is not None:
         term = XORRegularizationTerm(regularization_loss, detach_predictive_in_reg)
         rows["reg"] = LossTerm(term, lambda_u, scale=lambda_reg, part="unlabelled")
+    if lambda_mistake:
+        rows["mistake"] = LossTerm(LabelledDisagreementTerm(), lambda_mistake, part="labelled")
     if contrastive_loss is not None:
         term = ContrastiveTerm(contrastive_loss, contrastive_anchors, contrastive_networks)
         rows["contrastive"] = LossTerm(term, lambda_c, nets=contrastive_networks)

@@ -19,7 +19,7 @@ COMPONENTS = [
     "predictive_def", "auxiliary_def", "network_def", "pseudo_label_loss", "regularization_loss", "contrastive_loss",
     "unsupervised_weight", "contrastive_weight", "loss_terms#sup#compute", "loss_terms#pseudo#compute",
     "loss_terms#reg#compute", "loss_terms#reg", "loss_terms#contrastive#compute", "lr_scheduler", "train#trainer",
-    "inferer",
+    "inferer", "ema_network", "train#trainer#student_view",
 ]  # fmt: skip
 NOT_METHOD = {
     "spatial_dims", "in_channels", "out_channels", "num_classes", "device", "max_epochs", "epoch_length", "optimizer",

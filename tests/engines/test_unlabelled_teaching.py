@@ -115,3 +115,16 @@ def test_ema_teacher_follows_the_predictive_net() -> None:
 def test_ema_teacher_needs_a_network() -> None:
     with pytest.raises(ValueError, match="ema_network"):
         _trainer(teacher="ema")
+
+
+@pytest.mark.parametrize("lambda_mistake, rows", [(0.0, ["sup"]), (0.5, ["sup", "mistake"])])
+def test_method_table_has_the_mistake_row_only_when_weighted(lambda_mistake: float, rows: list) -> None:
+    from monai.losses import DiceCELoss
+
+    from multicure_monai.engines.loss_terms import method_loss_terms
+
+    table = method_loss_terms(DiceCELoss(to_onehot_y=True, softmax=True), lambda_mistake=lambda_mistake)
+    assert list(table) == rows
+    if lambda_mistake:
+        assert isinstance(table["mistake"].compute, LabelledDisagreementTerm)
+        assert (table["mistake"].part, table["mistake"].weight_at(1)) == ("labelled", 0.5)
