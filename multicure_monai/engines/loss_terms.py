@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from monai.networks.utils import one_hot
 
 from multicure_monai.engines.teachers import select_teacher
 from multicure_monai.metrics.calibration import boundary_band
@@ -213,10 +214,10 @@ class XORRegularizationTerm:
         self.loss, self.detach_teacher = loss, detach_teacher
 
     def __call__(self, ctx: IterationContext) -> torch.Tensor:
-        mutual = not self.detach_teacher and ctx.teacher_name == "predictive" and ctx.view_targets is None
+        pull_predictive = not self.detach_teacher and ctx.teacher_name == "predictive" and ctx.view_targets is None
         n_l = ctx.n_l
         return _sum(
-            self.loss(probs[n_l:], (ctx.probs["predictive"] if mutual else target)[n_l:])
+            self.loss(probs[n_l:], (ctx.probs["predictive"] if pull_predictive else target)[n_l:])
             for _, probs, target in ctx.teacher[2]
         )
 
@@ -229,10 +230,9 @@ class LabelledDisagreementTerm:
     """
 
     def __call__(self, ctx: IterationContext) -> tuple[torch.Tensor, dict[str, Any]]:
-        n_l, labels = ctx.n_l, ctx.labels.long()
-        probs = {net: ctx.probs[net][:n_l] for net in NETWORK_NAMES}
+        probs = {net: ctx.probs[net][: ctx.n_l] for net in NETWORK_NAMES}
         disagree = (probs["predictive"].argmax(1, keepdim=True) != probs["auxiliary"].argmax(1, keepdim=True)).float()
-        truth = torch.zeros_like(probs["predictive"]).scatter_(1, labels, 1.0)
+        truth = one_hot(ctx.labels.long(), probs["predictive"].shape[1], dim=1).to(probs["predictive"])
         count = disagree.sum()
         squared = (((p - truth) ** 2).mean(1, keepdim=True) for p in probs.values())
         total = _sum(d.mul(disagree).sum() / (count + 1e-6) for d in squared)

@@ -4,8 +4,8 @@ In the paper both nets see the same crop, so a net is asked to reproduce a label
 peers' gains come from a student that sees a harder view: UA-MT adds noise, BCP (Bai et al., CVPR 2023) pastes a
 labelled and an unlabelled crop into each other. A view here takes the labelled batch, the clean unlabelled batch
 and the teachers' probabilities of the clean unlabelled batch, and returns the students' images and the targets,
-transformed consistently. The trainer runs the teachers on the clean crops without gradient first
-(:class:`~multicure_monai.engines.semi_supervised_trainer.SemiSupervisedTrainer`). MONAI's random transforms work on
+transformed consistently. The trainer runs the teachers on the clean crops without gradient first, and sets the
+batch's memory format after (:class:`~multicure_monai.engines.semi_supervised_trainer.SemiSupervisedTrainer`). MONAI's random transforms work on
 one sample on the CPU and carry no paired target, so the views are written here as batched tensor functions.
 """
 
@@ -55,7 +55,7 @@ class PerturbedView:
             for k, t in targets.items():
                 out[k].append(t[i : i + 1].flip(dims))
         out = {k: torch.cat(v) for k, v in out.items()}
-        return torch.cat(images).contiguous(memory_format=_memory_format(x_u)), out
+        return torch.cat(images), out
 
 
 def copy_paste_mask(batch: int, spatial_size: tuple[int, ...], ratio: float, device: torch.device) -> torch.Tensor:
@@ -110,16 +110,10 @@ class CopyPasteView:
         odd = (torch.arange(b_u, device=x_u.device) % 2 == 1).view(-1, *[1] * (x_u.ndim - 1))
         shows_l = torch.where(odd, 1.0 - mask, mask)
         images = x_l[pair] * shows_l.to(x_l) + x_u * (1.0 - shows_l.to(x_u))
-        out = {}
-        for name, probs in targets.items():
-            truth = one_hot(y_l[pair].long(), probs.shape[1], dim=1).to(probs)
-            out[name] = truth * shows_l + probs * (1.0 - shows_l)
-        return images.contiguous(memory_format=_memory_format(x_u)), out
-
-
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    return torch.channels_last_3d if x.ndim == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not \
-        x.is_contiguous() else torch.contiguous_format  # fmt: skip
+        num_classes = next(iter(targets.values())).shape[1]
+        truth = one_hot(y_l[pair].long(), num_classes, dim=1) * shows_l
+        out = {name: truth.to(probs) + probs * (1.0 - shows_l) for name, probs in targets.items()}
+        return images, out
 
 
 def student_view(name: str = "none", **kwargs: float) -> PerturbedView | CopyPasteView | None:

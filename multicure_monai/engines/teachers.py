@@ -67,11 +67,7 @@ def select_teacher(
         return probs if view_targets is None else torch.cat([probs[:n_l], view_targets[name]], dim=0)
 
     if teacher == "ema":
-        if ema_network is None:
-            raise ValueError("teacher='ema' needs an ema_network.")
-        with torch.no_grad():
-            ema_network.train()
-            probs = torch.softmax(ema_network(x if view_targets is None else x[:n_l]).float(), dim=1)
+        probs = _ema_probabilities(ema_network, x if view_targets is None else x[:n_l])
         probs = probs if view_targets is None else torch.cat([probs, view_targets["ema"]], dim=0)
         return 2, probs, [(logits_p, probs_p, probs), (logits_a, probs_a, probs)]
     if teacher == "mutual":
@@ -82,6 +78,15 @@ def select_teacher(
         return 1, target, [(logits_p, probs_p, target)]
     target = rows(probs_p, "predictive")
     return 0, target, [(logits_a, probs_a, target)]
+
+
+def _ema_probabilities(ema_network: torch.nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+    """The EMA teacher's float32 softmax of ``x``, without gradient, in training mode (batch statistics)."""
+    if ema_network is None:
+        raise ValueError("teacher='ema' needs an ema_network.")
+    with torch.no_grad():
+        ema_network.train()
+        return torch.softmax(ema_network(x).float(), dim=1)
 
 
 def warmup_ema_multi_avg_fn(decay: float) -> Callable:
@@ -126,12 +131,9 @@ def clean_view_probabilities(
 ) -> dict[str, torch.Tensor]:
     """The probabilities ``(B_u, N, H, W, D)`` of the nets that can teach under ``teacher``, on the clean
     unlabelled crops ``x_u``, without gradient: the source of a student view's targets (:mod:`.student_views`)."""
+    if teacher == "ema":
+        return {"ema": _ema_probabilities(ema_network, x_u)}
     with torch.no_grad():
-        if teacher == "ema":
-            if ema_network is None:
-                raise ValueError("teacher='ema' needs an ema_network.")
-            ema_network.train()
-            return {"ema": torch.softmax(ema_network(x_u).float(), dim=1)}
         out = forward_two_nets(predictive, auxiliary, x_u, uncertainty_threshold, predictive_uses_uncertainty,
                                run_auxiliary=teacher != "predictive")  # fmt: skip
         probs = {"predictive": out.probs_p}
