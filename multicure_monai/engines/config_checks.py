@@ -56,7 +56,7 @@ def check_training_config(
 
     Rules: ``max_iterations``, ``val_interval``, batch sizes, ``in_channels`` are positive integers,
     ``num_classes >= 2``; ``checkpoint_interval`` is a positive multiple of ``val_interval`` (resume
-    checkpoints are written at the end of an engine epoch, see ``multicure_monai.engines.determinism``);
+    checkpoints are written at the end of an engine epoch, see ``multicure_monai.handlers.determinism``);
     the two thresholds are in the open interval (0, 1); ``learning_rate > 0``; ``momentum`` in [0, 1);
     ``weight_decay`` and the lambdas ``>= 0``; ``roi_size``/``sw_stride`` are three positive integers, the
     stride not larger than the patch; every entry of ``switches`` (on/off options such as ``use_contrastive``)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from multicure_monai.engines.checkpoint_architecture import write_sidecar
+from multicure_monai.handlers.checkpoint_architecture import write_sidecar
 from multicure_monai.errors import BundleInputError
 
 CONFIGS = Path(__file__).resolve().parents[2] / "bundle" / "configs"

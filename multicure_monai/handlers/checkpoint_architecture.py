@@ -49,7 +49,7 @@ ARCHITECTURE_KEY = "architecture"
 #: The side-car of ``<name>.pt`` is ``<name>`` + this suffix (never ``.pt``: MONAI Label offers ``models/*.pt``).
 SIDECAR_SUFFIX = ".architecture.json"
 
-_logger = logging.getLogger("multicure_monai.engines.checkpoint")
+_logger = logging.getLogger("multicure_monai.handlers.checkpoint")
 
 
 def _plain(architecture: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,5 +1,5 @@
 """Checkpoints record the switches that shape the nets; loading names each mismatch and its flag
-(multicure_monai/engines/checkpoint_architecture.py)."""
+(multicure_monai/handlers/checkpoint_architecture.py)."""
 
 from __future__ import annotations
 
@@ -12,15 +12,8 @@ from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader
 from torch import nn
 
-from multicure_monai.engines.checkpoint import (
-    ARCHITECTURE_KEY,
-    AtomicCheckpointSaver,
-    ResumeCheckpointLoader,
-    SafeCheckpointLoader,
-    check_loaders,
-    read_architecture,
-    sidecar_path,
-)
+from multicure_monai.handlers import AtomicCheckpointSaver, ResumeCheckpointLoader, SafeCheckpointLoader, check_loaders
+from multicure_monai.handlers.checkpoint_architecture import ARCHITECTURE_KEY, read_architecture, sidecar_path
 from multicure_monai.errors import BundleInputError
 from multicure_monai.networks.ensemble import DualNetworkEnsemble
 from multicure_monai.networks.resnet_vnet import ResNetVNet
