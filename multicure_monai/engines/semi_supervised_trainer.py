@@ -190,7 +190,7 @@ class SemiSupervisedTrainer(SupervisedTrainer):
             if unlabeled_data_loader is None or _is_empty(unlabeled_data_loader):
                 message = "no unlabelled data: the semi-supervised losses need an unlabelled stream"
                 if empty_unlabeled == "error":
-                    fix = "List unlabelled images in the datalist, or pass --empty_unlabeled warn."
+                    fix = "List unlabelled images in the datalist, or set it to 'warn' (--unlabelled#when_empty warn)."
                     raise BundleInputError(f"{message} (empty_unlabeled='error'). {fix}")
                 warnings.warn(message + "; training falls back to supervised-only (L_s).", stacklevel=2)
                 supervised_only = True

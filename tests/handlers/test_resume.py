@@ -108,7 +108,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path: Path, datalist: Path) ->
         _assert_same(ckpt_ref[key], ckpt_res[key], key)
     assert sorted(p.name for p in (run_root / "ckpt").iterdir()) == [f"checkpoint_iteration={K}.pt"]
     assert sorted(p.name for p in (run_root / "models").iterdir()) == ["model.architecture.json", "model.pt"]
-    assert ckpt_res["architecture"] == ckpt_ref["architecture"] and ckpt_res["architecture"]["multicure_level"] == 2
+    assert ckpt_res["architecture"] == ckpt_ref["architecture"] and ckpt_res["architecture"]["multicure#level"] == 2
     model_ref = torch.load(ref_root / "models" / "model.pt", map_location="cpu", weights_only=True)
     model_res = torch.load(run_root / "models" / "model.pt", map_location="cpu", weights_only=True)
     _assert_same(model_ref, model_res, "model.pt")
