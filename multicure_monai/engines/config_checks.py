@@ -62,7 +62,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "contrastive#lambda_c": _NON_NEGATIVE,
     "roi_size": _TRIPLE,
     "sw_stride": _TRIPLE,
-    "multicure#form": (lambda v: v in MULTICURE_FORMS, f"must be one of {sorted(MULTICURE_FORMS)}"),
+    "multicure#form": (lambda v: str(v) in MULTICURE_FORMS, f"must be one of {sorted(MULTICURE_FORMS)}"),
     **{name: _SWITCH for name in (
         "multicure#use", "multicure#in_predictive", "supervised#only", "unlabelled#detach_predictive_in_reg",
         "unlabelled#ema_warmup", "contrastive#use", "precision#amp", "precision#channels_last",
