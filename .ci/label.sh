@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# MONAI Label integration test (tests/bundle/test_monailabel_server.py) in its own virtual environment.
+# MONAI Label integration tests (tests/bundle/test_monailabel_*.py) in their own virtual environment.
 #
 # MONAI Label 0.8.5 imports torchvision, and PyPI's torchvision does not import beside the CPU torch 2.13.0
 # wheel of the main environment ("operator torchvision::nms does not exist"), so this environment takes the
@@ -25,4 +25,5 @@ echo "label venv $VENV ready in $(($(date +%s) - start)) s, $(du -sh "$VENV" | c
 'torchvision', torchvision.__version__, 'monai', monai.__version__, 'numpy', numpy.__version__, \
 'monailabel', monailabel.__version__)"
 
-MULTICURE_REQUIRE_MONAILABEL=1 "$PY" -m pytest -q -p no:cacheprovider -rsP tests/bundle/test_monailabel_server.py
+MULTICURE_REQUIRE_MONAILABEL=1 "$PY" -m pytest -q -p no:cacheprovider -rsP tests/bundle/test_monailabel_config.py \
+  tests/bundle/test_monailabel_server.py tests/bundle/test_monailabel_active_learning.py

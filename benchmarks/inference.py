@@ -82,7 +82,7 @@ def build(
     level: int = 2,
 ) -> torch.nn.Module:
     """The deployed ensemble (or its predictive V-Net alone) with random weights, in eval mode; the auxiliary net's
-    MultiCURE block in ``form`` at decoder ``level`` (the bundle's ``multicure_form`` / ``multicure_level``)."""
+    MultiCURE block in ``form`` at decoder ``level`` (the bundle's ``multicure#form`` / ``multicure#level``)."""
     torch.manual_seed(seed)
     aux = ResNetVNet(multicure=True, multicure_level=level, multicure_kwargs={"form": form})
     net: torch.nn.Module = DualNetworkEnsemble(VNet(), aux)

@@ -40,8 +40,8 @@ from monailabel.tasks.infer.bundle import BundleInferTask
 from monailabel.tasks.train.bundle import BundleTrainTask
 from monailabel.utils.others.generic import get_bundle_models, strtobool
 
-from multicure_monai.engines.checkpoint_architecture import check_architecture, read_architecture
-from multicure_monai.engines.checkpoint_loader import safe_load
+from multicure_monai.handlers.checkpoint_architecture import check_architecture, read_architecture
+from multicure_monai.handlers.checkpoint_loader import safe_load
 from multicure_monai.metrics.study_uncertainty import STUDY_MEASURES, STUDY_REGIONS, study_uncertainty
 
 logger = logging.getLogger(__name__)

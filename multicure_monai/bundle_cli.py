@@ -8,9 +8,10 @@ lines of traceback. Importing this module (the bundle configs list it under ``im
 exception chain as the last lines, without the traceback; the process still exits with status 1.
 ``MULTICURE_DEBUG=1`` or the config id ``debug: true`` keeps the full traceback.
 
-:func:`check_command_line` (the configs' ``command_line_check``, first in ``initialize``) refuses a command-line
-key that no config file defines, e.g. ``--use_multicur False``: ``monai.bundle`` would add it as a new, unused
-id and train with the default. MONAI hands the overrides to the workflow as ``fire`` keyword arguments and
+:func:`check_command_line` (the configs' ``checks#command_line``, first in ``initialize``) refuses a
+command-line key that no config file defines, e.g. ``--multicure#us False`` or ``--use_multicure False`` (a
+switch of the ``multicure`` group is ``--multicure#use``): ``monai.bundle`` would add it as a new, unused id
+and train with the default. MONAI hands the overrides to the workflow as ``fire`` keyword arguments and
 keeps no record of which ids they added, so the check reads ``sys.argv`` the way ``fire`` does; it runs only
 when the process is ``python -m monai.bundle`` (not in MONAI Label or a Python session calling the workflow).
 """
@@ -202,7 +203,8 @@ def check_overrides(
     config_file = run_args.get("config_file")
     if not config_file:
         return True
-    known = set(_config_ids(ConfigParser.load_config_files(config_file))) | _tracking_ids(run_args.get("tracking"))
+    config = ConfigParser.load_config_files(config_file)
+    known = set(_config_ids(config)) | _tracking_ids(run_args.get("tracking"))
     allowed = [str(a).replace("::", "#") for a in allowed_new_ids or ()]
     unknown = [
         key for key in dict.fromkeys(overrides)
@@ -213,15 +215,49 @@ def check_overrides(
         return True
     problems = []
     for key in unknown:
-        same_depth = sorted(k for k in known if k.count("#") == key.count("#"))
-        close = difflib.get_close_matches(key, same_depth, n=3, cutoff=0.6)
+        close = _suggestions(key, known, set(_setting_ids(config)))
         hint = f"; did you mean {' or '.join('--' + c for c in close)}?" if close else ""
         problems.append(f"--{key}: no config id {key!r} in {_names(config_file)}{hint}")
     what = "overrides (MONAI would add them as new, unused config ids)" if len(problems) > 1 else (
         "override (MONAI would add it as a new, unused config id)"
     )
+    allow_id = allow_id.replace("::", "#")  # MONAI's parser writes a config value's "#" as "::"
     fix = f"Fix the spelling, or list the ids meant to be new: --{allow_id} \"{[*allowed, *unknown]}\""
     raise BundleInputError(f"unknown command-line {what}:\n  " + "\n  ".join(problems) + "\n" + fix)
+
+
+def _words(config_id: str) -> frozenset[str]:
+    return frozenset(config_id.replace("#", "_").split("_"))
+
+
+def _setting_ids(config: Any, prefix: str = "") -> Iterator[str]:
+    """The ids of a config's settings: values of the top level or of a group, not arguments of a component
+    (a mapping with ``_target_``) nor list items."""
+    if not isinstance(config, Mapping) or "_target_" in config:
+        return
+    for key, value in config.items():
+        key_id = f"{prefix}#{key}" if prefix else str(key)
+        yield key_id
+        yield from _setting_ids(value, key_id)
+
+
+def _suggestions(key: str, known: set[str], settings: set[str], n: int = 3) -> list[str]:
+    """Known ids a mistyped ``key`` may mean: first the settings with its name or its words in another group
+    (``teacher`` or ``use_multicure`` for ``unlabelled#teacher`` or ``multicure#use``), then close spellings
+    (:func:`difflib.get_close_matches`) among the names of its group, or else among the ids at its depth."""
+    name, words = key.rpartition("#")[2], _words(key)
+    regrouped = sorted(
+        (k for k in settings if k != key and (k.rpartition("#")[2] == name or _words(k) == words)),
+        key=lambda k: (k.count("#"), k),
+    )
+    parent = key.rpartition("#")[0]
+    if parent in known:  # a misspelt name in a known group: compare with its siblings' names
+        siblings = {k.rpartition("#")[2]: k for k in known if k.rpartition("#")[0] == parent}
+        close = [siblings[c] for c in difflib.get_close_matches(name, sorted(siblings), n=n, cutoff=0.6)]
+    else:
+        same_depth = sorted(k for k in known if k.count("#") == key.count("#"))
+        close = difflib.get_close_matches(key, same_depth, n=n, cutoff=0.6)
+    return list(dict.fromkeys(regrouped + close))[:n]
 
 
 def _names(config_file: Any) -> str:
@@ -229,19 +265,22 @@ def _names(config_file: Any) -> str:
     return ", ".join(os.path.basename(os.fspath(f)) for f in files)
 
 
-def check_command_line(debug: bool = False, allowed_new_ids: Sequence[str] = ()) -> bool:
+def check_command_line(
+    debug: bool = False, allowed_new_ids: Sequence[str] = (), allow_id: str = "allowed_new_ids"
+) -> bool:
     """The bundle's first ``initialize`` step: set the debug switch, then check the overrides (command line only).
 
     Args:
         debug: keep the full traceback of a :class:`BundleInputError` (the config id ``debug``).
-        allowed_new_ids: override ids meant to be new (the config id ``allowed_new_ids``).
+        allowed_new_ids: override ids meant to be new.
+        allow_id: the config id that holds ``allowed_new_ids`` (the bundle's ``checks#allowed_new_ids``).
 
     Returns:
         ``True``; raises :class:`BundleInputError` for unknown overrides.
     """
     set_debug(debug)
     if is_bundle_command():
-        check_overrides(sys.argv[1:], allowed_new_ids)
+        check_overrides(sys.argv[1:], allowed_new_ids, allow_id)
     return True
 
 

@@ -42,7 +42,7 @@ __all__ = [
     "guard_small_convolutions",
 ]
 
-#: Values of the bundle's ``amp_dtype``.
+#: Values of the bundle's ``precision#amp_dtype``.
 AMP_DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 _logger = logging.getLogger("multicure_monai.precision")
@@ -65,8 +65,8 @@ def parse_amp_dtype(amp_dtype: str | torch.dtype) -> torch.dtype | None:
     name = _name(amp_dtype)
     if name not in AMP_DTYPES:
         raise BundleInputError(
-            f"amp_dtype must be one of {AMP_DTYPES}, got {amp_dtype!r}: set --amp_dtype auto (float16 on CUDA, "
-            "bfloat16 on a CPU with bf16 support)."
+            f"amp_dtype must be one of {AMP_DTYPES}, got {amp_dtype!r}: set it to auto (the bundle: "
+            "--precision#amp_dtype auto; float16 on CUDA, bfloat16 on a CPU with bf16 support)."
         )
     return None if name == "auto" else getattr(torch, name)
 

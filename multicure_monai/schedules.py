@@ -14,10 +14,10 @@ offered:
 
 ``t`` is clamped to ``[0, t_max]``. ``t_max`` is a ramp horizon in iterations: the paper ties it to the run
 length, so a 300- and a 6000-iteration run see different curves; :class:`LossWeightSchedule` takes it as its own
-``rampup_iterations`` (the bundle's ``rampup_iterations``), independent of the run length. MONAI has no loss-weight
-schedule, so this is written by hand.
+``rampup_iterations`` (the bundle's ``unlabelled#rampup_iterations``), independent of the run length. MONAI has no
+loss-weight schedule, so this is written by hand.
 
-:func:`learning_rate_scheduler` picks the learning-rate policy by name for the bundle's ``lr_policy`` switch:
+:func:`learning_rate_scheduler` picks the learning-rate policy by name for the bundle's ``optim#lr_policy`` switch:
 the paper's steps, or a polynomial decay that reaches zero at the run's end, so that a short run ends on a
 converged model rather than on a snapshot of SGD at the full learning rate.
 """

@@ -95,13 +95,16 @@ def test_parse_command_line_as_fire_does(argv: list[str], run_args: dict, overri
 @pytest.mark.parametrize(
     "config_file, args, expected",
     [
-        (TRAIN, ["--use_multicur", "False"], ["--use_multicur: no config id 'use_multicur' in train.yaml; did you "
-                                              "mean --use_multicure", "--allowed_new_ids \"['use_multicur']\""]),
-        (TRAIN, ["--max_iteration", "5", "--lerning_rate", "0.1"], ["unknown command-line overrides",
-                                                                    "did you mean --max_iterations",
-                                                                    "did you mean --learning_rate"]),
-        ([TRAIN, EVALUATE], ["--validation_ky", "test"],
-         ["in train.yaml, evaluate.yaml; did you mean --validation_key"]),
+        (TRAIN, ["--multicure#us", "False"], ["--multicure#us: no config id 'multicure#us' in train.yaml; did you "
+                                              "mean --multicure#use", "--allowed_new_ids \"['multicure#us']\""]),
+        (TRAIN, ["--max_iteration", "5", "--optim#lerning_rate", "0.1"], ["unknown command-line overrides",
+                                                                          "did you mean --max_iterations",
+                                                                          "did you mean --optim#learning_rate"]),
+        ([TRAIN, EVALUATE], ["--datalist_keys#validaton", "test"],
+         ["in train.yaml, evaluate.yaml; did you mean --datalist_keys#validation"]),
+        # a switch that lives in a group is named with its group
+        (TRAIN, ["--use_multicure", "False", "--teacher", "mutual", "--lr_policy", "poly"],
+         ["did you mean --multicure#use", "did you mean --unlabelled#teacher", "did you mean --optim#lr_policy"]),
         (INFER, ["--input_dri", "x"], ["did you mean --input_dir"]),
         (TRAIN, ["--train#trainer#max_epoch", "3"], ["did you mean --train#trainer#max_epochs"]),
     ],
@@ -117,7 +120,7 @@ def test_unknown_override_is_an_error(config_file, args: list[str], expected: li
 @pytest.mark.parametrize(
     "args, allowed",
     [
-        (["--use_multicure", "False", "--train#trainer#max_epochs", "3", "--amp"], ()),
+        (["--multicure#use", "False", "--train#trainer#max_epochs", "3", "--precision::amp"], ()),
         (["--tracking", "mlflow", "--experiment_name", "e", "--run_name", "r", "--tracking_uri", "file:x"], ()),
         (["--my_new_id", "3", "--extra#nested", "1"], ("my_new_id", "extra")),
         (["--meta_file", "m.json", "--logging_file", "l.conf", "--_meta_#version", "1"], ()),
@@ -131,7 +134,7 @@ def test_a_new_loss_term_is_allowed_by_train_yaml() -> None:
     """A term of one's own is one new entry of ``loss_terms``: train.yaml's allow-list admits it."""
     from monai.bundle import ConfigParser
 
-    allowed = ConfigParser.load_config_file(TRAIN)["allowed_new_ids"]
+    allowed = ConfigParser.load_config_file(TRAIN)["checks"]["allowed_new_ids"]
     assert check_overrides(["run", "training", "--config_file", TRAIN, "--loss_terms#toy#weight", "0.1"],
                            allowed_new_ids=allowed)  # fmt: skip
 

@@ -101,11 +101,12 @@ def test_train_yaml_takes_the_lock_before_training(tmp_path: Path) -> None:
     parser = ConfigParser()
     parser.read_config(str(REPO / "bundle" / "configs" / "train.yaml"))
     parser["bundle_root"] = str(tmp_path)
-    assert parser["training"][0] == "$@training_lock"  # resolved before the trainer (and its data) is built
+    # the lock is taken first, before the trainer (and its data) is built
+    assert parser["training"][0] == "$multicure_monai.process_lock.lock_training_folder(@bundle_root)"
     proc = _hold(tmp_path)
     try:
         with pytest.raises(Exception) as err:  # the config parser may wrap the expression's error
-            parser.get_parsed_content("training_lock")
+            parser.get_parsed_content("training#0")
         chain, e = [], err.value
         while e is not None:
             chain.append(e)

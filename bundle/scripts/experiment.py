@@ -18,13 +18,20 @@ Examples::
     python bundle/scripts/experiment.py add_seeds --output_dir <runs>/default_vs_sup --seeds "[7,8]"
 
     # an arm of your own: override arguments, or {'configs': [overlay files], 'args': [...]}
-    python bundle/scripts/experiment.py run ... --arms "['sup','no_reg']" --custom "{'no_reg': ['--lambda_reg', '0']}"
+    python bundle/scripts/experiment.py run ... --arms "['sup','no_reg']" \
+        --custom "{'no_reg': ['--unlabelled#lambda_reg', '0']}"
 
     # (re)write report.md, report.csv and curves.png from whatever runs are finished (experiment_report.py)
     python bundle/scripts/experiment.py report --output_dir <runs>/default_vs_sup
 
 ``<output_dir>/<arm>_s<seed>/`` is the run's ``bundle_root`` (``models/``, ``ckpt/``, ``train.log``, ``eval.log``,
 ``eval/`` with MetricsSaver's CSVs, ``run.json``, ``timing.json``, markers ``done_train`` / ``done_eval``).
+
+A table continues on the code it froze, with the arms' override arguments as ``protocol.json`` stores them. The
+config ids of the budget's overrides are those of that code: ``protocol.json`` records them (:data:`BUDGET_IDS`);
+a table frozen before version 0.12.0, whose code takes the flat ids of then (``--lr_policy``), has no record
+(:data:`FLAT_BUDGET_IDS`), and an arm of today's :data:`ARMS` is refused there (give it with ``--custom`` in
+that code's ids).
 """
 
 from __future__ import annotations
@@ -48,8 +55,9 @@ if _HERE not in sys.path:  # the report module next to this script, however this
 import experiment_report  # noqa: E402
 from experiment_report import METRICS, MODELS, parse_validation_log, read_raw_csv  # noqa: E402
 
-__all__ = ["ARMS", "MODELS", "METRICS", "PROTOCOL_FILE", "main", "run", "add_seeds", "report", "freeze_code",
-           "train_command", "eval_command", "read_raw_csv", "parse_validation_log"]  # fmt: skip
+__all__ = ["ARMS", "BUDGET_IDS", "FLAT_BUDGET_IDS", "MODELS", "METRICS", "PROTOCOL_FILE", "main", "run",
+           "add_seeds", "report", "freeze_code", "train_command", "eval_command", "read_raw_csv",
+           "parse_validation_log"]  # fmt: skip
 
 REPO_ROOT = os.path.dirname(os.path.dirname(_HERE))
 PROTOCOL_FILE = "protocol.json"
@@ -57,20 +65,26 @@ TRAIN_CONFIGS = ["bundle/configs/train.yaml", "bundle/configs/la.yaml", "bundle/
 EVAL_CONFIG = "bundle/configs/evaluate.yaml"
 FROZEN_PATHS = ("multicure_monai", "bundle/configs", "bundle/scripts", "setup.cfg", "pyproject.toml")
 ENDPOINTS = ("final", "best")
+# the config ids of the budget's overrides that are not top-level ids; FLAT_BUDGET_IDS: those of the code before
+# version 0.12.0 (a table frozen then)
+BUDGET_IDS = {"lr_policy": "optim#lr_policy"}
+FLAT_BUDGET_IDS = {"lr_policy": "lr_policy"}
+_TEACHER, _VIEW = "--unlabelled#teacher", "--unlabelled#student_view"
 ARMS: dict[str, Any] = {
-    "sup": ["--supervised_only", "True"],  # both nets on labelled crops only
-    "bn_control": ["--lambda_u", "0", "--lambda_c", "0"],  # unlabelled crops in the batch, no unsupervised loss
+    "sup": ["--supervised#only", "True"],  # both nets on labelled crops only
+    # unlabelled crops in the batch, no unsupervised loss
+    "bn_control": ["--unlabelled#lambda_u", "0", "--contrastive#lambda_c", "0"],
     # MCF-style two-net baseline: no MultiCURE, no contrastive loss, the better net of each iteration teaches
-    "mcf": ["--use_multicure", "False", "--use_contrastive", "False", "--teacher", "better"],
+    "mcf": ["--multicure#use", "False", "--contrastive#use", "False", _TEACHER, "better"],
     "full": [],  # the full method, bundle defaults
-    "labelled": ["--contrastive_anchors", "labelled"],  # eq. 5 on the uncertain labelled voxels
-    "level1": ["--multicure_level", "1"],  # the block on the half-resolution decoder stage (the paper's place)
+    "labelled": ["--contrastive#anchors", "labelled"],  # eq. 5 on the uncertain labelled voxels
+    "level1": ["--multicure#level", "1"],  # the block on the half-resolution decoder stage (the paper's place)
     "paper": {"configs": ["bundle/configs/paper.yaml"], "args": []},  # the paper's reading of every switch
-    "mutual": ["--teacher", "mutual"],  # CPS: each net's confident argmax trains the other
-    "perturb": ["--teacher", "mutual", "--student_view", "perturb"],  # ... the students on a noisy, flipped view
-    "cp": ["--teacher", "mutual", "--student_view", "copy_paste"],  # ... on BCP's copy-paste mix
-    "bcp": ["--teacher", "ema", "--student_view", "copy_paste"],  # BCP: an EMA teacher and the copy-paste mix
-    "mistake": ["--lambda_mistake", "0.5"],  # MCF's correction on labelled voxels where the nets disagree
+    "mutual": [_TEACHER, "mutual"],  # CPS: each net's confident argmax trains the other
+    "perturb": [_TEACHER, "mutual", _VIEW, "perturb"],  # ... the students on a noisy, flipped view
+    "cp": [_TEACHER, "mutual", _VIEW, "copy_paste"],  # ... on BCP's copy-paste mix
+    "bcp": [_TEACHER, "ema", _VIEW, "copy_paste"],  # BCP: an EMA teacher and the copy-paste mix
+    "mistake": ["--supervised#lambda_mistake", "0.5"],  # MCF's correction on labelled voxels where the nets disagree
 }
 
 
@@ -99,10 +113,10 @@ def _bundle(run_id: str, configs: list[str], run_dir: str, dataset_dir: str, *ar
 
 def train_command(run_dir: str, dataset_dir: str, seed: int, protocol: dict, arm: Any = ()) -> list[str]:
     """The ``python -m monai.bundle run training`` command line of one run (``--resume auto``)."""
-    arm, budget = _arm(arm), protocol["budget"]
+    arm, budget, ids = _arm(arm), protocol["budget"], protocol.get("budget_ids", FLAT_BUDGET_IDS)
     return _bundle("training", [*TRAIN_CONFIGS, *arm["configs"]], run_dir, dataset_dir, "--seed", str(seed),
                    "--max_iterations", str(budget["max_iterations"]), "--val_interval", str(budget["val_interval"]),
-                   "--lr_policy", budget["lr_policy"], "--model_selection", protocol["endpoint"],
+                   f"--{ids['lr_policy']}", budget["lr_policy"], "--model_selection", protocol["endpoint"],
                    "--sw_stride", _bracket(budget["train_stride"]), "--resume", "auto", *arm["args"],
                    *protocol["extra"])  # fmt: skip
 
@@ -157,8 +171,8 @@ def _protocol(output_dir: str, dataset_dir: str, budget: dict, endpoint: str, ex
     frozen = (freeze_code(os.path.join(output_dir, "code")) if code == "freeze"
               else {"commit": None, "tree": None, "dirty": None, "dir": os.path.abspath(code)})  # fmt: skip
     return {"created": datetime.now().isoformat(timespec="seconds"), "dataset_dir": dataset_dir, "budget": budget,
-            "endpoint": endpoint, "extra": extra, "baseline": baseline, "code": frozen, "arms": {}, "seeds": [],
-            "history": []}  # fmt: skip
+            "budget_ids": BUDGET_IDS, "endpoint": endpoint, "extra": extra, "baseline": baseline, "code": frozen,
+            "arms": {}, "seeds": [], "history": []}  # fmt: skip
 
 
 def run(dataset_dir: str, output_dir: str, arms: Any = ("sup", "full"), seeds: Any = (1337,),
@@ -174,7 +188,7 @@ def run(dataset_dir: str, output_dir: str, arms: Any = ("sup", "full"), seeds: A
         seeds: training seeds, a list or one int.
         max_iterations: ``--max_iterations`` of every training.
         val_interval: ``--val_interval`` (validation, checkpoints and the x axis of the curves).
-        lr_policy: ``--lr_policy``: ``poly`` anneals the learning rate to zero by ``max_iterations``.
+        lr_policy: ``--optim#lr_policy``: ``poly`` anneals the learning rate to zero by ``max_iterations``.
         endpoint: ``final`` (the model at the last iteration) or ``best`` (selected on the validation cases).
         train_stride: ``--sw_stride`` of the validation during training.
         eval_stride: ``--sw_stride`` of the final evaluation.
@@ -199,6 +213,9 @@ def run(dataset_dir: str, output_dir: str, arms: Any = ("sup", "full"), seeds: A
     os.makedirs(output_dir, exist_ok=True)
     protocol = _protocol(output_dir, dataset_dir, budget, endpoint, extra, baseline, code)
     new_arms = {a: _arm(table[a]) for a in arms if a not in protocol["arms"]}
+    if "budget_ids" not in protocol and (today := [a for a in new_arms if a not in (custom or {})]):
+        raise ValueError(f"{output_dir} runs code frozen before the switches were grouped (0.12.0); the arms {today} "
+                         "of this script use today's ids. Give them with --custom in that code's flat ids.")
     new_seeds = [s for s in seeds if s not in protocol["seeds"]]
     if new_arms or new_seeds or not protocol["history"]:  # written before the runs it adds
         protocol["arms"].update(new_arms)

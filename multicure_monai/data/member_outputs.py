@@ -1,7 +1,7 @@
 """Post-transform that takes a member-scoring ensemble output apart, so one validation pass scores three models.
 
-:class:`~multicure_monai.networks.ensemble.DualNetworkEnsemble` with ``return_members=True`` stacks the
-ensemble's, the predictive net's and the auxiliary net's log-probabilities along the channels. MONAI's
+:meth:`~multicure_monai.networks.ensemble.DualNetworkEnsemble.forward_members` stacks the ensemble's, the
+predictive net's and the auxiliary net's log-probabilities along the channels. MONAI's
 ``SplitDimd`` splits into single channels only, so this transform splits into the three ``N``-channel parts.
 """
 

@@ -1,14 +1,10 @@
-"""Engines: the two-network semi-supervised trainer, its loss table and its handlers (checkpoints, resume,
-seeding, progress, DDP buffer sync, BatchNorm recalibration, training diagnostics, uncertainty figures), and
-the multi-process pieces of the multi-GPU configs (:mod:`.distributed`)."""
+"""Engines: the two-network semi-supervised trainer and what it is built from (its loss table, the teachers, the
+students' views, its diagnostics), the checks of the training config, and the multi-process pieces of the
+multi-GPU configs (:mod:`.distributed`). Its handlers are :mod:`multicure_monai.handlers`."""
 
 from __future__ import annotations
 
-from .batchnorm_recalibration import BatchNormRecalibration, recalibrate_batchnorm
-from .buffer_sync import BufferSyncHandler, broadcast_buffers
-from .checkpoint import AtomicCheckpointSaver, ResumeCheckpointLoader, SafeCheckpointLoader, safe_load
-from .determinism import EpochSeedHandler
-from .diagnostics import CollapseGuard, loss_gradient_norms
+from .diagnostics import check_finite_losses, loss_gradient_norms
 from .distributed import (
     check_cases_per_process,
     ddp_module,
@@ -16,31 +12,18 @@ from .distributed import (
     rank_handlers,
     validation_sampler,
 )
-from .progress_bar import ProgressBar
 from .loss_terms import LossTerm, method_loss_terms
 from .semi_supervised_trainer import SemiSupervisedTrainer
-from .uncertainty_figures import UncertaintyFigures
 
 __all__ = [
-    "AtomicCheckpointSaver",
-    "BatchNormRecalibration",
-    "BufferSyncHandler",
-    "CollapseGuard",
-    "EpochSeedHandler",
     "LossTerm",
-    "ProgressBar",
-    "ResumeCheckpointLoader",
-    "SafeCheckpointLoader",
     "SemiSupervisedTrainer",
-    "UncertaintyFigures",
-    "broadcast_buffers",
     "check_cases_per_process",
+    "check_finite_losses",
     "ddp_module",
     "ensure_process_group",
     "loss_gradient_norms",
     "method_loss_terms",
     "rank_handlers",
-    "recalibrate_batchnorm",
-    "safe_load",
     "validation_sampler",
 ]

@@ -38,7 +38,8 @@ uncertain fraction, the contrastive loss against its chance value, and every ``d
 the gradient norm each weighted row sends into each net), so ``StatsHandler``, ``TensorBoardStatsHandler`` and the
 progress bar show them without knowing the method. Around the iteration: the unlabelled stream
 (:mod:`.cycling_loader`), the teacher choice (:mod:`.teachers`), diagnostics and the NaN guard (:mod:`.diagnostics`),
-BatchNorm recalibration (:mod:`.batchnorm_recalibration`), seeding (:mod:`.determinism`).
+BatchNorm recalibration and seeding (handlers: :mod:`multicure_monai.handlers.batchnorm_recalibration`,
+:mod:`multicure_monai.handlers.determinism`).
 """
 
 from __future__ import annotations
@@ -189,7 +190,7 @@ class SemiSupervisedTrainer(SupervisedTrainer):
             if unlabeled_data_loader is None or _is_empty(unlabeled_data_loader):
                 message = "no unlabelled data: the semi-supervised losses need an unlabelled stream"
                 if empty_unlabeled == "error":
-                    fix = "List unlabelled images in the datalist, or pass --empty_unlabeled warn."
+                    fix = "List unlabelled images in the datalist, or set it to 'warn' (--unlabelled#when_empty warn)."
                     raise BundleInputError(f"{message} (empty_unlabeled='error'). {fix}")
                 warnings.warn(message + "; training falls back to supervised-only (L_s).", stacklevel=2)
                 supervised_only = True
@@ -222,7 +223,7 @@ class SemiSupervisedTrainer(SupervisedTrainer):
     def reset_unlabeled_stream(self, sampler_epoch: int | None = None) -> None:
         """Start the unlabelled stream afresh: the next batch comes from a new iterator over the loader.
 
-        Used at epoch starts by :class:`multicure_monai.engines.determinism.EpochSeedHandler`, so that the
+        Used at epoch starts by :class:`multicure_monai.handlers.determinism.EpochSeedHandler`, so that the
         unlabelled batches of an epoch depend on the epoch's seed only (bit-identical resume).
 
         Args:

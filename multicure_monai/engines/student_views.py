@@ -1,12 +1,13 @@
-"""What the students see of an unlabelled crop (the ``student_view`` switch): a harder view than the teacher's.
+"""What the students see of an unlabelled crop (``unlabelled#student_view``): a harder view than the teacher's.
 
 In the paper both nets see the same crop, so a net is asked to reproduce a label computed from its own input. The
 peers' gains come from a student that sees a harder view: UA-MT adds noise, BCP (Bai et al., CVPR 2023) pastes a
 labelled and an unlabelled crop into each other. A view here takes the labelled batch, the clean unlabelled batch
 and the teachers' probabilities of the clean unlabelled batch, and returns the students' images and the targets,
 transformed consistently. The trainer runs the teachers on the clean crops without gradient first, and sets the
-batch's memory format after (:class:`~multicure_monai.engines.semi_supervised_trainer.SemiSupervisedTrainer`). MONAI's random transforms work on
-one sample on the CPU and carry no paired target, so the views are written here as batched tensor functions.
+batch's memory format after (:class:`~multicure_monai.engines.semi_supervised_trainer.SemiSupervisedTrainer`).
+MONAI's random transforms work on one sample on the CPU and carry no paired target, so the views are written here
+as batched tensor functions.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Which network teaches in an iteration of the two-network trainer (the ``teacher`` switch).
+"""Which network teaches in an iteration of the two-network trainer (the bundle's ``unlabelled#teacher``).
 
 ``"predictive"`` is the paper (the V-Net's pseudo labels train the auxiliary net); ``"better"`` is MCF's dynamic
 competition (the net with the lower supervised loss on the labelled batch teaches the other); ``"ema"`` is

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .deform_conv import DeformConv3d, DeformConv3dPack, deform_conv3d
-from .ensemble import DualNetworkEnsemble
+from .ensemble import DualNetworkEnsemble, EnsembleMembers
 from .multicure import MultiCURE
 from .projected_features import ProjectedFeatures
 from .resnet_vnet import ResNetVNet
@@ -14,6 +14,7 @@ __all__ = [
     "DeformConv3dPack",
     "deform_conv3d",
     "DualNetworkEnsemble",
+    "EnsembleMembers",
     "MultiCURE",
     "ProjectedFeatures",
     "ResNetVNet",

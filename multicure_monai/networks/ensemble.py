@@ -17,7 +17,7 @@ import torch.nn as nn
 from multicure_monai.networks.two_nets import forward_two_nets
 from multicure_monai.networks.vnet import SCRIPT_UNSUPPORTED
 
-__all__ = ["DualNetworkEnsemble", "MEMBER_NAMES", "split_members"]
+__all__ = ["DualNetworkEnsemble", "EnsembleMembers", "MEMBER_NAMES", "split_members"]
 
 MEMBER_NAMES = ("ensemble", "predictive", "auxiliary")
 
@@ -42,14 +42,12 @@ class DualNetworkEnsemble(nn.Module):
         uncertainty_threshold: confidence threshold of the uncertainty map.
         weights: non-negative mixture weights ``(w_predictive, w_auxiliary)``, normalised to sum to 1.
         eps: lower clamp of the mixture before the log.
-        return_members: also return each net's log-probabilities (see above).
         predictive_uses_uncertainty: the predictive net holds a MultiCURE block (the authors' placement) and, as
             in training, gets the uncertainty map of a first pass of itself
             (:func:`~multicure_monai.networks.two_nets.forward_two_nets`, shared with the trainer).
 
-    With ``return_members=True`` (validation that scores each net next to the ensemble in one sliding-window
-    pass) the output is ``(B, 3N, H, W, D)``: the ensemble's, the predictive net's and the auxiliary net's
-    log-probabilities, in that order; both nets always run. :func:`split_members` takes it apart.
+    :meth:`forward_members` (validation that scores each net next to the ensemble in one sliding-window pass,
+    through :class:`EnsembleMembers`) returns the ensemble's and each net's log-probabilities together.
 
     State dict keys are ``predictive.*`` and ``auxiliary.*``, so the two trained networks' state dicts load with
     a prefix.
@@ -62,7 +60,6 @@ class DualNetworkEnsemble(nn.Module):
         uncertainty_threshold: float = 0.7,
         weights: Sequence[float] = (0.5, 0.5),
         eps: float = 1e-8,
-        return_members: bool = False,
         predictive_uses_uncertainty: bool = False,
     ) -> None:
         super().__init__()
@@ -77,7 +74,6 @@ class DualNetworkEnsemble(nn.Module):
         self.uncertainty_threshold = float(uncertainty_threshold)
         self.weights = (w[0] / total, w[1] / total)
         self.eps = float(eps)
-        self.return_members = bool(return_members)
         self.predictive_uses_uncertainty = bool(predictive_uses_uncertainty)
 
     def __prepare_scriptable__(self) -> DualNetworkEnsemble:
@@ -94,25 +90,60 @@ class DualNetworkEnsemble(nn.Module):
             Log-probabilities ``(B, N, H, W, D)`` of the weighted probability average.
         """
         w_pred, w_aux = self.weights
-        run_auxiliary = self.return_members or w_aux > 0.0
         out = forward_two_nets(self.predictive, self.auxiliary, x, self.uncertainty_threshold,
-                               self.predictive_uses_uncertainty, run_auxiliary=run_auxiliary)  # fmt: skip
+                               self.predictive_uses_uncertainty, run_auxiliary=w_aux > 0.0)  # fmt: skip
         p = out.probs_p
-        if self.return_members:
-            a = torch.softmax(out.logits_a.float(), dim=1)
-            return torch.log(torch.cat([w_pred * p + w_aux * a, p, a], dim=1).clamp_min(self.eps))
         if out.logits_a is None:
             return torch.log(p.clamp_min(self.eps))
         a = torch.softmax(out.logits_a.float(), dim=1)
         return torch.log((a if w_pred == 0.0 else w_pred * p + w_aux * a).clamp_min(self.eps))
 
+    def forward_members(self, x: torch.Tensor) -> torch.Tensor:
+        """The ensemble's prediction and each net's, from one run of both nets.
+
+        Args:
+            x: image ``(B, C_in, H, W, D)``.
+
+        Returns:
+            ``(B, 3N, H, W, D)``: the log-probabilities of the ensemble, the predictive net and the auxiliary net,
+            in that order (both nets always run); :func:`split_members` takes it apart.
+        """
+        w_pred, w_aux = self.weights
+        out = forward_two_nets(self.predictive, self.auxiliary, x, self.uncertainty_threshold,
+                               self.predictive_uses_uncertainty)  # fmt: skip
+        p = out.probs_p
+        a = torch.softmax(out.logits_a.float(), dim=1)
+        return torch.log(torch.cat([w_pred * p + w_aux * a, p, a], dim=1).clamp_min(self.eps))
+
+
+class EnsembleMembers(nn.Module):
+    """A deployed :class:`DualNetworkEnsemble` seen through :meth:`~DualNetworkEnsemble.forward_members`.
+
+    Validation scores the ensemble and each net in one sliding-window pass; wrapping the deployed network (the
+    same module, the same weights) keeps the ensemble declared once in the configs.
+
+    Args:
+        ensemble: the deployed ensemble.
+    """
+
+    def __init__(self, ensemble: DualNetworkEnsemble) -> None:
+        super().__init__()
+        self.ensemble = ensemble
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``ensemble.forward_members(x)``: ``(B, 3N, H, W, D)`` log-probabilities (ensemble, predictive, auxiliary)."""
+        return self.ensemble.forward_members(x)
+
 
 def split_members(output: torch.Tensor, dim: int = 0) -> dict[str, torch.Tensor]:
-    """Split a ``return_members=True`` output into ``{"ensemble", "predictive", "auxiliary"}`` parts.
+    """Split a :meth:`DualNetworkEnsemble.forward_members` output into its ensemble, predictive, auxiliary parts.
 
     Args:
         output: ``(3N, *S)`` (one decollated case, ``dim=0``) or ``(B, 3N, *S)`` (``dim=1``).
         dim: the channel dimension.
+
+    Returns:
+        ``{"ensemble": ..., "predictive": ..., "auxiliary": ...}``, ``N`` channels each.
 
     Raises:
         ValueError: if the channel count is not a multiple of 3.

@@ -12,7 +12,7 @@ global average pooling to a ``3d`` vector, reduced by a linear layer to ``max(3d
 expanded back by one linear layer per branch to ``d`` logits; a softmax across the three branches (per channel)
 gives the weights ``K1, K2, K3`` and ``z' = u1 * K1 + u2 * K2 + u3 * K3``.
 
-Two forms (:data:`MULTICURE_FORMS`, the bundle's ``multicure_form``):
+Two forms (:data:`MULTICURE_FORMS`, the bundle's ``multicure#form``):
 
 =====================  =====================================  =============================================
                        ``paper`` (the text, default)          ``authors`` (their released ``SKLayer``)

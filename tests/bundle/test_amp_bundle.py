@@ -1,5 +1,5 @@
-"""``--amp True`` through the bundle on CPU: training and validation run and say which precision runs (inference.yaml
-hands the same amp ids to the same inferer)."""
+"""``--precision#amp True`` through the bundle on CPU: training and validation run and say which precision runs
+(inference.yaml hands the same precision ids to the same inferer)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from multicure_monai.precision import cpu_supports_bf16
 
 CONFIGS = Path(__file__).resolve().parents[2] / "bundle" / "configs"
 TINY = {"max_iterations": "2", "val_interval": "2", "roi_size": "[32,32,32]", "sw_stride": "[16,16,16]",
-        "sw_batch_size": "2", "num_workers": "0", "amp": "True", "device": "$torch.device('cpu')"}
+        "sw_batch_size": "2", "num_workers": "0", "precision#amp": "True", "device": "$torch.device('cpu')"}
 
 pytestmark = pytest.mark.slow
 

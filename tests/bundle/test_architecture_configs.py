@@ -9,7 +9,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from multicure_monai.engines.checkpoint_architecture import write_sidecar
+from multicure_monai.handlers.checkpoint_architecture import write_sidecar
 from multicure_monai.errors import BundleInputError
 
 CONFIGS = Path(__file__).resolve().parents[2] / "bundle" / "configs"
@@ -34,7 +34,7 @@ def _bundle_error(excinfo: pytest.ExceptionInfo) -> BundleInputError:
 
 @pytest.fixture(scope="module")
 def level2_bundle(make_phantoms) -> tuple[Path, Path]:
-    """A bundle root whose models/model.pt was trained with the defaults (multicure_level 2) and has its record."""
+    """A bundle root whose models/model.pt was trained with the defaults (multicure#level 2) and has its record."""
     datalist = make_phantoms("architecture")
     root = datalist.parent.parent
     parser = _parser(["inference.yaml"], root, datalist)
@@ -49,17 +49,17 @@ def level2_bundle(make_phantoms) -> tuple[Path, Path]:
 )
 def test_mismatched_model_pt_names_the_switch(level2_bundle, files: list[str], engine: str) -> None:
     root, datalist = level2_bundle
-    parser = _parser(files, root, datalist, multicure_level=1)
+    parser = _parser(files, root, datalist, **{"multicure#level": 1})
     with pytest.raises(Exception) as excinfo:
         parser.get_parsed_content(engine).run()
     message = str(_bundle_error(excinfo))
-    assert "model.pt" in message and "--multicure_level 2" in message and "size mismatch" not in message
+    assert "model.pt" in message and "--multicure#level 2" in message and "size mismatch" not in message
 
 
 def test_monailabel_finetune_checks_model_pt_before_training(level2_bundle) -> None:
     """MONAI Label inserts MONAI's own CheckpointLoader (model.pt into `network`) at the front of train#handlers."""
     root, datalist = level2_bundle
-    parser = _parser(["train.yaml"], root, datalist, multicure_level=1, use_multicure=False)
+    parser = _parser(["train.yaml"], root, datalist, **{"multicure#level": 1, "multicure#use": False})
     handlers = parser.get("train#handlers")
     handlers.insert(0, {"_target_": "CheckpointLoader", "load_path": str(root / "models" / "model.pt"),
                         "load_dict": {"model": "$@network"}, "strict": False})  # fmt: skip
@@ -67,7 +67,7 @@ def test_monailabel_finetune_checks_model_pt_before_training(level2_bundle) -> N
     with pytest.raises(Exception) as excinfo:
         parser.get_parsed_content("train#trainer_handlers")
     message = str(_bundle_error(excinfo))
-    assert "--multicure_level 2" in message and "--use_multicure True" in message
+    assert "--multicure#level 2" in message and "--multicure#use True" in message
     # with the switches it was trained with, the same list builds
     ok = _parser(["train.yaml"], root, datalist)
     ok["train#handlers"] = handlers

@@ -188,25 +188,28 @@ def test_bad_datalist_entry(tmp_path: Path, name: str, make, expected: str, kind
 @pytest.mark.parametrize(
     "override, expected",
     [
-        ({"pseudo_label_threshold": 1.5}, "pseudo_label_threshold=1.5: must be a number in the open interval (0, 1)"),
+        ({"unlabelled": {"pseudo_label_threshold": 1.5}},
+         "unlabelled#pseudo_label_threshold=1.5: must be a number in the open interval (0, 1) "
+         "(override with --unlabelled#pseudo_label_threshold)"),
         ({"uncertainty_threshold": 0.0}, "uncertainty_threshold=0.0: must be a number in the open interval (0, 1)"),
         ({"max_iterations": -300}, "max_iterations=-300: must be a positive integer (override with --max_iterations)"),
         ({"val_interval": 0}, "val_interval=0: must be a positive integer"),
         ({"checkpoint_interval": 3}, "checkpoint_interval=3: must be a positive multiple of val_interval=2"),
-        ({"learning_rate": -0.01}, "learning_rate=-0.01: must be a positive number"),
-        ({"lambda_c": -1.0}, "lambda_c=-1.0: must be a non-negative number"),
+        ({"optim": {"learning_rate": -0.01}}, "optim#learning_rate=-0.01: must be a positive number"),
+        ({"contrastive": {"lambda_c": -1.0}}, "contrastive#lambda_c=-1.0: must be a non-negative number"),
         ({"num_classes": 1}, "num_classes=1: must be an integer >= 2"),
         ({"sw_stride": [48, 16, 16]}, "sw_stride=[48, 16, 16]: must not exceed roi_size=[32, 32, 32]"),
-        ({"switches": {"use_contrastive": "false"}}, "use_contrastive='false': must be True or False"),
-        ({"multicure_form": "sk"}, "multicure_form='sk': must be one of ['authors', 'paper']"),
+        ({"contrastive": {"use": "false"}},
+         "contrastive#use='false': must be True or False (capitalised on the command line: --contrastive#use False)"),
+        ({"multicure": {"form": "sk"}}, "multicure#form='sk': must be one of ['authors', 'paper']"),
     ],
     ids=lambda v: next(iter(v)) if isinstance(v, dict) else "",
-)
+)  # fmt: skip
 def test_config_value_out_of_range(override: dict, expected: str) -> None:
     values = dict(max_iterations=4, val_interval=2, checkpoint_interval=2, roi_size=[32] * 3, sw_stride=[16] * 3)
-    assert check_training_config(**values)
+    assert check_training_config(values)
     with pytest.raises(ValueError) as err:
-        check_training_config(**{**values, **override})
+        check_training_config({**values, **override})
     print(f"[{override}] {err.value}")
     assert expected in str(err.value)
     assert str(err.value).startswith("config check failed with 1 value out of range")
@@ -300,10 +303,10 @@ def test_each_workflow_checks_its_own_lists(tmp_path: Path, configs: list[str]) 
     parser.update({"bundle_root": str(tmp_path / "root"), "datalist": str(datalist)})
     expected = {"train.yaml": ["training", "validation"], "evaluate.yaml": ["validation"]}.get(configs[-1])
     if expected is None:
-        assert parser.get_parsed_content("datalist_check")
+        assert parser.get_parsed_content("checks#datalist")
         return
     with pytest.raises(RuntimeError) as err:  # MONAI wraps the error of a component
-        parser.get_parsed_content("datalist_check")
+        parser.get_parsed_content("checks#datalist")
     error = find_bundle_input_error(err.value)
     assert isinstance(error, FileNotFoundError), err.value
     assert [ln.split(":")[0].strip() for ln in str(error).splitlines()[1:]] == expected, str(error)

@@ -70,14 +70,14 @@ def test_bundle_lists_every_datalist_problem_last(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "workflow, args, expected",
     [
-        ("training", ["--use_multicur", "False"],
-         ["--use_multicur: no config id 'use_multicur' in train.yaml; did you mean --use_multicure",
-          "--allowed_new_ids \"['loss_terms', 'use_multicur']\""]),
-        ("evaluating", ["--validation_ky", "test"], ["did you mean --validation_key"]),
-        ("training", ["--pseudo_label_threshold", "1.5", "--output_dir", "{blocker}/eval"],
+        ("training", ["--multicure#us", "False"],
+         ["--multicure#us: no config id 'multicure#us' in train.yaml; did you mean --multicure#use",
+          "--checks#allowed_new_ids \"['loss_terms', 'multicure#us']\""]),
+        ("evaluating", ["--datalist_keys#validaton", "test"], ["did you mean --datalist_keys#validation"]),
+        ("training", ["--unlabelled#pseudo_label_threshold", "1.5", "--output_dir", "{blocker}/eval"],
          ["config check failed with 2 values out of range",
-          "pseudo_label_threshold=1.5: must be a number in the open interval (0, 1) (override with "
-          "--pseudo_label_threshold)",
+          "unlabelled#pseudo_label_threshold=1.5: must be a number in the open interval (0, 1) (override with "
+          "--unlabelled#pseudo_label_threshold)",
           "output_dir={blocker}/eval: is under {blocker}, which is a regular file, not a folder (choose another "
           "folder with --output_dir)"]),
         ("inference", ["--output_dir", "{blocker}/masks"],
@@ -102,7 +102,7 @@ def test_bundle_stops_before_any_work(tmp_path: Path, workflow: str, args: list[
 @pytest.mark.slow
 @pytest.mark.parametrize("env, args", [({"MULTICURE_DEBUG": "1"}, []), ({}, ["--debug", "True"])], ids=["env", "flag"])
 def test_debug_keeps_the_traceback(tmp_path: Path, env: dict, args: list[str]) -> None:
-    proc = _run_bundle(tmp_path, "training", "--use_multicur", "False", *args, env=env)
+    proc = _run_bundle(tmp_path, "training", "--multicure#us", "False", *args, env=env)
     assert proc.returncode != 0
     assert "Traceback" in proc.stderr and "Failed to instantiate" in proc.stderr and _HINT not in proc.stderr
     assert "multicure_monai.errors.BundleInputError: unknown command-line override" in proc.stderr

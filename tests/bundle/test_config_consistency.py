@@ -19,10 +19,10 @@ MAX_LINE = 120  # characters of a line holding a $ expression
 OVERLAYS = [[], ["la.yaml"], ["la.yaml", "la_half.yaml"], ["pancreas.yaml"]]
 SWITCHES = [
     {},
-    {"use_multicure": False},
-    {"predictive_uses_uncertainty": True, "use_multicure": False},
-    {"multicure_form": "paper"},
-    {"multicure_level": 1},
+    {"multicure#use": False},
+    {"multicure#in_predictive": True, "multicure#use": False},
+    {"multicure#form": "paper"},
+    {"multicure#level": 1},
 ]
 WORKFLOWS = {"train": ["train.yaml"], "evaluate": ["train.yaml", "evaluate.yaml"], "inference": ["inference.yaml"]}
 
@@ -75,25 +75,34 @@ def test_workflows_agree(overlay: list[str], switches: dict) -> None:
             assert summaries[workflow][key] == value, f"{workflow} differs from train in {key} ({overlay}, {switches})"
 
 
+def test_the_paper_overlay_and_its_inference_flags_agree() -> None:
+    """paper.yaml overlays training and evaluation; inference.yaml (standalone) takes its block as two flags."""
+    train = _summary(_parser("train", ["paper.yaml"], {}), "train")
+    evaluate = _summary(_parser("evaluate", ["paper.yaml"], {}), "evaluate")
+    inference = _summary(_parser("inference", [], {"multicure#form": "paper", "multicure#level": 1}), "inference")
+    assert train == evaluate == inference
+    assert train["state_dict"] != _summary(_parser("inference", [], {}), "inference")["state_dict"]
+
+
 def test_the_switch_changes_the_network() -> None:
     """The comparison above is not vacuous: the architecture switch does change the deployed weights."""
     with_block = _summary(_parser("inference", [], {}), "inference")["state_dict"]
-    without = _summary(_parser("inference", [], {"use_multicure": False}), "inference")["state_dict"]
+    without = _summary(_parser("inference", [], {"multicure#use": False}), "inference")["state_dict"]
     assert set(with_block) > set(without) and any("multicure" in k for k in set(with_block) - set(without))
 
 
 def test_the_form_switch_changes_the_block() -> None:
     """The default is the authors' block (its 1x1x1 branch mixing conv); ``paper`` is the text's block."""
     authors = _summary(_parser("inference", [], {}), "inference")["state_dict"]
-    paper = _summary(_parser("inference", [], {"multicure_form": "paper"}), "inference")["state_dict"]
+    paper = _summary(_parser("inference", [], {"multicure#form": "paper"}), "inference")["state_dict"]
     assert any(".multicure.mix." in k for k in authors) and not any(".multicure.mix." in k for k in paper)
 
 
 def test_the_level_switch_moves_the_block() -> None:
-    """The default puts the block on the quarter-resolution decoder stage (64 channels); ``multicure_level: 1`` on
+    """The default puts the block on the quarter-resolution decoder stage (64 channels); ``multicure#level: 1`` on
     the half-resolution one (32 channels), where the paper and the authors' code put it."""
     level2 = _summary(_parser("inference", [], {}), "inference")["state_dict"]
-    level1 = _summary(_parser("inference", [], {"multicure_level": 1}), "inference")["state_dict"]
+    level1 = _summary(_parser("inference", [], {"multicure#level": 1}), "inference")["state_dict"]
     key = "auxiliary.decoder.multicure.branch_small.conv.weight"
     assert level1[key][0] == 32 and level2[key][0] == 64
 

@@ -62,11 +62,11 @@ def _run(*args, **kwargs) -> str:
     return experiment.run(*args, code=experiment.REPO_ROOT, **kwargs)
 
 
-@pytest.mark.parametrize("arm, spec", [*experiment.ARMS.items(), ("mine", ["--lambda_reg", "0"])])
+@pytest.mark.parametrize("arm, spec", [*experiment.ARMS.items(), ("mine", ["--unlabelled#lambda_reg", "0"])])
 def test_arm_command_lines(tmp_path: Path, runner: FakeRunner, arm: str, spec) -> None:
     _run(str(tmp_path / "data"), str(tmp_path / "out"), arms=[arm], seeds=[7], max_iterations=30, val_interval=10,
          train_stride="[18,18,4]", eval_stride=[9, 9, 2], extra="--num_workers 1",
-         custom={"mine": ["--lambda_reg", 0]})  # fmt: skip
+         custom={"mine": ["--unlabelled#lambda_reg", 0]})  # fmt: skip
     (train, eval_), run_dir = runner.cmds, str(tmp_path / "out" / f"{arm}_s7")
     flags, configs = experiment._arm(spec)["args"], experiment._arm(spec)["configs"]
     assert train[:5] == [sys.executable, "-m", "monai.bundle", "run", "training"]
@@ -77,7 +77,7 @@ def test_arm_command_lines(tmp_path: Path, runner: FakeRunner, arm: str, spec) -
         assert (REPO / path).is_file() and f"'{path}'" in _value_after(eval_, "--config_file")
     for flag, value in [("--seed", "7"), ("--resume", "auto"), ("--sw_stride", "[18,18,4]"), ("--max_iterations", "30"),
                         ("--val_interval", "10"), ("--bundle_root", run_dir), ("--dataset_dir", str(tmp_path / "data")),
-                        ("--lr_policy", "poly"), ("--model_selection", "final")]:  # fmt: skip
+                        ("--optim#lr_policy", "poly"), ("--model_selection", "final")]:  # fmt: skip
         assert _value_after(train, flag) == value
     for flag, value in [("--sw_stride", "[9,9,2]"), ("--bundle_root", run_dir), ("--output_dir", run_dir + "/eval")]:
         assert _value_after(eval_, flag) == value
@@ -93,12 +93,13 @@ def test_arm_command_lines(tmp_path: Path, runner: FakeRunner, arm: str, spec) -
 
 def test_paper_arm_is_the_paper_overlay() -> None:
     """The paper preset exists once (paper.yaml); every id it sets is a switch of train.yaml."""
-    import yaml
+    from monai.bundle import ConfigParser
 
-    paper = yaml.safe_load((REPO / "bundle" / "configs" / "paper.yaml").read_text())
-    train = yaml.safe_load((REPO / "bundle" / "configs" / "train.yaml").read_text())
+    paper = ConfigParser.load_config_file(str(REPO / "bundle" / "configs" / "paper.yaml"))
+    train = ConfigParser(ConfigParser.load_config_file(str(REPO / "bundle" / "configs" / "train.yaml")))
     assert experiment.ARMS["paper"] == {"configs": ["bundle/configs/paper.yaml"], "args": []}
-    assert set(paper) <= set(train) and {"teacher", "multicure_form", "contrastive_anchors"} <= set(paper)
+    assert all(cid in train for cid in paper), [cid for cid in paper if cid not in train]
+    assert {"unlabelled#teacher", "multicure#form", "contrastive#anchors"} <= set(paper)
 
 
 def test_protocol_is_written_before_the_first_run(tmp_path: Path, runner: FakeRunner, monkeypatch) -> None:
@@ -112,8 +113,9 @@ def test_protocol_is_written_before_the_first_run(tmp_path: Path, runner: FakeRu
     monkeypatch.setattr(experiment.subprocess, "run", spy)
     _run(str(tmp_path), str(tmp_path / "out"), arms="sup,full", seeds=[1, 2], max_iterations=40, val_interval=20)
     first = seen[0]
-    assert first["arms"] == {"sup": {"configs": [], "args": ["--supervised_only", "True"]},
+    assert first["arms"] == {"sup": {"configs": [], "args": ["--supervised#only", "True"]},
                              "full": {"configs": [], "args": []}}  # fmt: skip
+    assert first["budget_ids"] == {"lr_policy": "optim#lr_policy"}
     assert first["seeds"] == [1, 2] and first["endpoint"] == "final" and first["baseline"] == "sup"
     assert first["budget"] == {"max_iterations": 40, "val_interval": 20, "lr_policy": "poly",
                                "train_stride": [18, 18, 4], "eval_stride": [9, 9, 2]}  # fmt: skip
@@ -140,6 +142,29 @@ def test_add_seeds_continues_the_table(tmp_path: Path, runner: FakeRunner) -> No
             a for i, a in enumerate(new) if i == 0 or new[i - 1] not in strip]
     protocol = json.loads((out / experiment.PROTOCOL_FILE).read_text())
     assert protocol["seeds"] == [1, 2, 3] and [h["seeds"] for h in protocol["history"]] == [[1], [2, 3]]
+
+
+def test_a_table_frozen_before_the_groups_continues_on_its_own_ids(tmp_path: Path, runner: FakeRunner) -> None:
+    """A protocol.json of version 0.11 (no budget_ids): its frozen code takes the flat ids; its arms run as stored."""
+    out = tmp_path / "out"
+    _run(str(tmp_path / "data"), str(out), arms="sup", seeds=[1], max_iterations=40, val_interval=20)
+    protocol = json.loads((out / experiment.PROTOCOL_FILE).read_text())
+    del protocol["budget_ids"]
+    protocol["arms"] = {"sup": {"configs": [], "args": ["--supervised_only", "True"]},
+                        "mutual": {"configs": [], "args": ["--teacher", "mutual"]}}  # fmt: skip
+    (out / experiment.PROTOCOL_FILE).write_text(json.dumps(protocol))
+    runner.cmds.clear()
+    experiment.add_seeds(str(out), seeds=[2])
+    train = [c for c in runner.cmds if "training" in c]
+    assert [_value_after(c, "--lr_policy") for c in train] == ["poly", "poly"]
+    assert not any("--optim#lr_policy" in c for c in train)
+    assert _contains(train[0], ["--supervised_only", "True"]) and _contains(train[1], ["--teacher", "mutual"])
+    # an arm of this script (today's ids) is refused there; one given in the code's own ids is not
+    with pytest.raises(ValueError, match="frozen before the switches were grouped"):
+        _run(str(tmp_path / "data"), str(out), arms="sup,level1", seeds=[1], max_iterations=40, val_interval=20)
+    _run(str(tmp_path / "data"), str(out), arms="sup,flat", seeds=[1], max_iterations=40, val_interval=20,
+         custom={"flat": ["--multicure_level", "1"]})  # fmt: skip
+    assert _contains(runner.cmds[-2], ["--multicure_level", "1"])
 
 
 def test_freeze_code_copies_the_working_tree(tmp_path: Path) -> None:

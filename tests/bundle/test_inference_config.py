@@ -25,5 +25,5 @@ def test_speed_settings_follow_the_device(device: str, sw_batch_size: int, memor
     parser.read_config(str(CONFIG))
     parser["device"] = device
     assert parser.get_parsed_content("sw_batch_size") == sw_batch_size
-    assert parser.get_parsed_content("memory_format") == memory_format
+    assert parser.get_parsed_content("precision#memory_format") == memory_format
     assert parser.get_parsed_content("inferer").sw_batch_size == sw_batch_size

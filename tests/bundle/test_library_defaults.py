@@ -16,10 +16,11 @@ from monai.utils import optional_import
 
 CONFIGS = Path(__file__).resolve().parents[2] / "bundle" / "configs"
 COMPONENTS = [
-    "predictive_def", "auxiliary_def", "network_def", "pseudo_label_loss", "regularization_loss", "contrastive_loss",
-    "unsupervised_weight", "contrastive_weight", "loss_terms#sup#compute", "loss_terms#pseudo#compute",
-    "loss_terms#reg#compute", "loss_terms#reg", "loss_terms#contrastive#compute", "lr_scheduler", "train#trainer",
-    "inferer", "ema_network", "train#trainer#student_view",
+    "predictive_def", "auxiliary_def", "network_def", "loss_terms#pseudo#compute#loss", "loss_terms#reg#compute#loss",
+    "loss_terms#contrastive#compute#loss", "loss_terms#pseudo#weight", "loss_terms#contrastive#weight",
+    "loss_terms#sup#compute", "loss_terms#pseudo#compute", "loss_terms#reg#compute", "loss_terms#reg",
+    "loss_terms#contrastive#compute", "lr_scheduler", "train#trainer", "inferer", "train#ema_network",
+    "train#trainer#student_view",
 ]  # fmt: skip
 NOT_METHOD = {
     "spatial_dims", "in_channels", "out_channels", "num_classes", "device", "max_epochs", "epoch_length", "optimizer",

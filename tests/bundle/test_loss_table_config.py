@@ -24,7 +24,7 @@ def _parser(tmp_path: Path, datalist: Path, **overrides) -> ConfigParser:
     parser.read_config(str(CONFIGS / "train.yaml"))
     parser.update({"bundle_root": str(tmp_path), "datalist": str(datalist), "max_iterations": 2, "val_interval": 2,
                    "roi_size": [32, 32, 32], "sw_stride": [16, 16, 16], "sw_batch_size": 2, "num_workers": 0,
-                   "bn_recalibration_batches": 1, "diagnostics_interval": 1, **overrides})  # fmt: skip
+                   "bn_recalibration_batches": 1, "diagnostics#interval": 1, **overrides})  # fmt: skip
     return parser
 
 

@@ -35,7 +35,7 @@ TINY = {
 DUMP_YAML = """\
 rank_dump_dir: null
 +finalize:
-  - "$torch.save({k: v.detach().cpu().contiguous() for k, v in @deploy_network.state_dict().items()}, \
+  - "$torch.save({k: v.detach().cpu().contiguous() for k, v in @network.state_dict().items()}, \
 os.path.join(@rank_dump_dir, 'rank' + os.environ['RANK'] + '.pt'))"
 """
 

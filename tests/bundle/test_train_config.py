@@ -18,14 +18,14 @@ def _parser(**overrides) -> ConfigParser:
     return parser
 
 
-@pytest.mark.parametrize("weight", ["unsupervised_weight", "contrastive_weight"])
+@pytest.mark.parametrize("weight", ["loss_terms#pseudo#weight", "loss_terms#contrastive#weight"])
 def test_ramps_do_not_depend_on_the_run_length(weight: str) -> None:
     short = _parser(max_iterations=300).get_parsed_content(weight)
     long = _parser(max_iterations=6000).get_parsed_content(weight)
     for t in (1, 50, 100, 199, 200, 300, 6000):
         assert short(t) == long(t)
     assert short(1) < 0.01 * short(200)  # a ramp-up ...
-    assert short(200) == short(6000)  # ... that is flat after rampup_iterations
+    assert short(200) == short(6000)  # ... that is flat after unlabelled#rampup_iterations
 
 
 def test_validation_scores_each_net_next_to_the_ensemble() -> None:
@@ -38,22 +38,30 @@ def test_validation_scores_each_net_next_to_the_ensemble() -> None:
                 assert f"val_{net}{metric}" in additional
 
 
+def test_validation_scores_the_deployed_network() -> None:
+    """The ensemble is declared once (network_def): validation wraps the deployed module, whose weights it shares."""
+    parser = _parser(roi_size=[32, 32, 32])
+    assert parser.get_parsed_content("validate#network").ensemble is parser.get_parsed_content("network")
+    assert parser.get_parsed_content("network").predictive is parser.get_parsed_content("predictive_network")
+
+
 @pytest.mark.parametrize(
     "teacher, has_ema", [("predictive", False), ("better", False), ("ema", True), ("mutual", False)]
 )
 def test_ema_teacher_is_checkpointed(teacher: str, has_ema: bool) -> None:
-    parser = _parser(teacher=teacher, roi_size=[32, 32, 32])
-    keys = set(parser.get_parsed_content("checkpoint_dict"))
+    parser = _parser(**{"unlabelled#teacher": teacher, "roi_size": [32, 32, 32]})
+    keys = set(parser.get_parsed_content("train#checkpoint_dict"))
     assert keys >= {"network", "aux_network", "optimizer", "lr_scheduler", "model_saver"}
     assert ("ema_network" in keys) == has_ema
 
 
 @pytest.mark.parametrize(
     "override, expected",
-    [({}, ("voxels", 0.7)), ({"reg_normalization": "xor", "reg_confidence_threshold": None}, ("xor", None))],
-)
+    [({}, ("voxels", 0.7)),
+     ({"unlabelled#reg_normalization": "xor", "unlabelled#reg_confidence_threshold": None}, ("xor", None))],
+)  # fmt: skip
 def test_regularization_switches(override: dict, expected: tuple) -> None:
-    reg = _parser(**override).get_parsed_content("regularization_loss")
+    reg = _parser(**override).get_parsed_content("loss_terms#reg#compute#loss")
     assert (reg.normalization, reg.confidence_threshold) == expected
 
 
@@ -67,12 +75,14 @@ def test_batchnorm_recalibration_runs_before_validation_and_checkpoints() -> Non
     assert _parser().get_parsed_content("bn_recalibration_batches") > 0
 
 
-@pytest.mark.parametrize("override", [{"pseudo_label_threshold": 1.5}, {"val_interval": 0}, {"roi_size": [32, 32]}])
+@pytest.mark.parametrize(
+    "override", [{"unlabelled#pseudo_label_threshold": 1.5}, {"val_interval": 0}, {"roi_size": [32, 32]}]
+)
 def test_initialize_checks_the_config_values(override: dict) -> None:
     parser = _parser(**override)
-    assert "$@config_check" in [str(x).split("  #")[0] for x in parser["initialize"]]
+    assert "$@checks#config" in [str(x).split("  #")[0] for x in parser["initialize"]]
     with pytest.raises(Exception) as info:  # MONAI wraps the check's ValueError in "Failed to instantiate"
-        parser.get_parsed_content("config_check")
+        parser.get_parsed_content("checks#config")
     error: BaseException | None = info.value
     while error is not None and not isinstance(error, ValueError):
         error = error.__cause__
@@ -80,7 +90,7 @@ def test_initialize_checks_the_config_values(override: dict) -> None:
 
 
 def test_default_config_passes_its_check() -> None:
-    assert _parser().get_parsed_content("config_check")
+    assert _parser().get_parsed_content("checks#config")
 
 
 @pytest.mark.parametrize("selection, key_metric, final", [("best", True, False), ("final", False, True)])
@@ -96,7 +106,8 @@ def test_model_selection_picks_the_writer_of_model_pt(selection: str, key_metric
 
 @pytest.mark.parametrize("policy, last_lr", [("step", 0.01), ("poly", 0.0)])
 def test_lr_policy_switch(policy: str, last_lr: float) -> None:
-    scheduler = _parser(lr_policy=policy, max_iterations=300, roi_size=[32, 32, 32]).get_parsed_content("lr_scheduler")
+    parser = _parser(**{"optim#lr_policy": policy, "max_iterations": 300, "roi_size": [32, 32, 32]})
+    scheduler = parser.get_parsed_content("lr_scheduler")
     for _ in range(300):
         scheduler.optimizer.step()
         scheduler.step()
@@ -107,14 +118,14 @@ def test_lr_policy_switch(policy: str, last_lr: float) -> None:
     "view, cls", [("none", "NoneType"), ("perturb", "PerturbedView"), ("copy_paste", "CopyPasteView")]
 )
 def test_student_view_switch_reaches_the_trainer(view: str, cls: str) -> None:
-    parser = _parser(student_view=view, roi_size=[32, 32, 32])
+    parser = _parser(**{"unlabelled#student_view": view, "roi_size": [32, 32, 32]})
     assert type(parser.get_parsed_content("train#trainer#student_view")).__name__ == cls
 
 
 @pytest.mark.parametrize("lambda_mistake, rows", [(0.0, ["sup", "pseudo", "reg", "contrastive"]),
                                                   (0.5, ["sup", "pseudo", "reg", "mistake", "contrastive"])])  # fmt: skip
 def test_mistake_row_is_in_the_table_only_when_weighted(lambda_mistake: float, rows: list) -> None:
-    table = _parser(lambda_mistake=lambda_mistake).get_parsed_content("loss_terms")
+    table = _parser(**{"supervised#lambda_mistake": lambda_mistake}).get_parsed_content("loss_terms")
     assert list(table) == rows
     if lambda_mistake:
         assert (table["mistake"].weight_at(1), table["mistake"].part) == (0.5, "labelled")
@@ -122,8 +133,8 @@ def test_mistake_row_is_in_the_table_only_when_weighted(lambda_mistake: float, r
 
 @pytest.mark.parametrize("warmup", [True, False])
 def test_ema_teacher_warm_up_switch(warmup: bool) -> None:
-    parser = _parser(teacher="ema", ema_warmup=warmup, roi_size=[32, 32, 32])
-    ema, net = parser.get_parsed_content("ema_network"), parser.get_parsed_content("predictive_network")
+    parser = _parser(**{"unlabelled#teacher": "ema", "unlabelled#ema_warmup": warmup, "roi_size": [32, 32, 32]})
+    ema, net = parser.get_parsed_content("train#ema_network"), parser.get_parsed_content("predictive_network")
     ema.update_parameters(net)
     before = next(ema.module.parameters()).clone()
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Tests for :mod:`multicure_monai.metrics.surface_distance` and :mod:`multicure_monai.metrics.handlers`."""
+"""Tests for :mod:`multicure_monai.metrics.surface_distance`."""
 
 from __future__ import annotations
 
@@ -7,16 +7,13 @@ import warnings
 
 import pytest
 import torch
-from monai.data import DataLoader, Dataset, MetaTensor
-from monai.engines import SupervisedEvaluator
+from monai.data import MetaTensor
 from monai.metrics import HausdorffDistanceMetric, SurfaceDistanceMetric
 
 from multicure_monai.metrics import (
     EmptyAwareHausdorffDistanceMetric,
     EmptyAwareSurfaceDistanceMetric,
-    LabelToOneHot,
     grid_diagonal,
-    segmentation_metric_handlers,
 )
 
 SHAPE = (12, 12, 12)
@@ -183,70 +180,3 @@ def test_diagonal_follows_distance_metric(metric: str) -> None:
     expected = {"chessboard": 11.0, "taxicab": 33.0}[metric]
     assert grid_diagonal(SHAPE, distance_metric=metric) == expected
     assert _quiet(EmptyAwareHausdorffDistanceMetric(distance_metric=metric), corner_a, corner_b).item() == expected
-
-
-@pytest.mark.parametrize("batched", [True, False])
-def test_label_to_one_hot(batched: bool) -> None:
-    labels = torch.randint(0, 3, (2, 1, 4, 4, 4))
-    onehot = torch.nn.functional.one_hot(labels[:, 0], 3).permute(0, 4, 1, 2, 3).float()
-    transform = LabelToOneHot(lambda out: out, num_classes=3)
-    y_pred, y = transform((labels, onehot) if batched else (list(labels), list(onehot)))
-    y_pred = y_pred if batched else torch.stack(y_pred)
-    y = y if batched else torch.stack(y)
-    torch.testing.assert_close(y_pred.float(), onehot)
-    torch.testing.assert_close(y, onehot)
-    with pytest.raises(ValueError):
-        transform((torch.zeros(2, 2, 4, 4, 4), onehot))
-
-
-def _run_evaluator(cases: list[dict], **handler_kwargs) -> tuple[dict, dict]:
-    """Run a SupervisedEvaluator whose 'network' returns the one-hot 'image' unchanged."""
-    handlers = segmentation_metric_handlers(**handler_kwargs)
-    key = next(iter(handlers))
-    evaluator = SupervisedEvaluator(
-        device=torch.device("cpu"),
-        val_data_loader=DataLoader(Dataset(cases), batch_size=1),
-        network=torch.nn.Identity(),
-        key_val_metric={key: handlers.pop(key)},
-        additional_metrics=handlers,
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        evaluator.run()
-    return evaluator.state.metrics, evaluator.state.metric_details
-
-
-def test_handlers_in_a_supervised_evaluator() -> None:
-    gt = _box((4, 4, 4), (8, 8, 8))
-    pred = _box((6, 4, 4), (10, 8, 8))  # shifted by 2 voxels: Dice 1/2, Jaccard 1/3
-    metrics, details = _run_evaluator([{"image": pred, "label": gt}])
-    assert set(metrics) == {"val_mean_dice", "val_jaccard", "val_hd95", "val_asd"}
-    assert all(math.isfinite(v) for v in metrics.values())
-    assert metrics["val_mean_dice"] == pytest.approx(0.5)
-    assert metrics["val_jaccard"] == pytest.approx(1 / 3)
-    hd95 = _quiet(HausdorffDistanceMetric(percentile=95), pred[None], gt[None]).item()
-    asd = _quiet(SurfaceDistanceMetric(symmetric=True), pred[None], gt[None]).item()
-    assert metrics["val_hd95"] == pytest.approx(hd95)
-    assert metrics["val_asd"] == pytest.approx(asd)
-    assert 0 < metrics["val_hd95"] <= 2 and 0 < metrics["val_asd"] < 2
-    assert set(details) == set(metrics) and all(d.shape == (1, 1) for d in details.values())  # for MetricsSaver
-
-
-def test_handlers_with_empty_cases_and_label_maps_in_mm() -> None:
-    spacing = (2.0, 1.0, 1.0)
-    affine = torch.diag(torch.tensor([*spacing, 1.0], dtype=torch.float64))
-    gt = _box((4, 4, 4), (8, 8, 8))
-    empty = _box((0, 0, 0), (0, 0, 0))
-    cases = [
-        {"image": gt[1:], "label": MetaTensor(gt[1:], affine=affine)},  # label maps (1, H, W, D), perfect
-        {"image": empty[1:], "label": MetaTensor(gt[1:], affine=affine)},  # missed organ
-        {"image": empty[1:], "label": MetaTensor(empty[1:], affine=affine)},  # nothing to find, nothing found
-    ]
-    metrics, details = _run_evaluator(cases, unit="mm", prefix="test_")
-    diagonal = grid_diagonal(SHAPE, spacing)
-    torch.testing.assert_close(details["test_mean_dice"][:, 0], torch.tensor([1.0, 0.0, 1.0]))
-    torch.testing.assert_close(details["test_jaccard"][:, 0], torch.tensor([1.0, 0.0, 1.0]))
-    for name in ("test_hd95", "test_asd"):
-        torch.testing.assert_close(details[name][:, 0], torch.tensor([0.0, diagonal, 0.0]))
-        assert metrics[name] == pytest.approx(diagonal / 3)
-    assert all(math.isfinite(v) for v in metrics.values())

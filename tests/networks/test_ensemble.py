@@ -98,11 +98,14 @@ def test_with_real_networks():
 @pytest.mark.parametrize("weights", [(0.5, 0.5), (1.0, 0.0), (0.0, 1.0)])
 def test_members_output_holds_ensemble_and_each_net(weights):
     from multicure_monai.data.member_outputs import SplitMembersd
-    from multicure_monai.networks.ensemble import split_members
+    from multicure_monai.networks.ensemble import EnsembleMembers, split_members
 
     pred, aux, x = _pair()
-    plain = DualNetworkEnsemble(pred, aux, weights=weights)(x)
-    out = DualNetworkEnsemble(pred, aux, weights=weights, return_members=True)(x)
+    ensemble = DualNetworkEnsemble(pred, aux, weights=weights)
+    plain = ensemble(x)
+    members = EnsembleMembers(ensemble)
+    out = members(x)
+    assert list(members.parameters()) == list(ensemble.parameters())  # the same module, the same weights
     assert out.shape == (2, 9, 4, 5, 6)
     parts = split_members(out, dim=1)
     torch.testing.assert_close(parts["ensemble"], plain)
@@ -136,12 +139,15 @@ def test_predictive_gets_its_own_map_when_it_uses_uncertainty(uses):
         assert pred.calls == [None]
 
 
-@pytest.mark.parametrize("return_members", [False, True])
-def test_bf16_autocast_keeps_probabilities_float32(return_members):
+@pytest.mark.parametrize("members", [False, True])
+def test_bf16_autocast_keeps_probabilities_float32(members):
+    from multicure_monai.networks.ensemble import EnsembleMembers
+
     torch.manual_seed(0)
     pred = VNet(features=4).eval()
     aux = ResNetVNet(features=(4, 8, 8, 16, 16), layers=(1, 1, 1, 1), multicure_form="paper").eval()
-    ens = DualNetworkEnsemble(pred, aux, uncertainty_threshold=0.7, return_members=return_members).eval()
+    ens = DualNetworkEnsemble(pred, aux, uncertainty_threshold=0.7).eval()
+    ens = EnsembleMembers(ens) if members else ens
     x = torch.randn(1, 1, 16, 16, 16)
     with torch.no_grad():
         ref = ens(x)

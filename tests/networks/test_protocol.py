@@ -57,11 +57,10 @@ def test_ensemble_and_trainer_couple_the_nets_the_same_way(predictive_uses_uncer
     torch.manual_seed(0)
     pred = VNet(features=4, multicure=predictive_uses_uncertainty, multicure_level=1, multicure_form="paper")
     aux = ResNetVNet(features=(4, 8, 16, 32, 64), multicure=True, multicure_level=1, multicure_form="paper")
-    ensemble = DualNetworkEnsemble(pred, aux, return_members=True,
-                                   predictive_uses_uncertainty=predictive_uses_uncertainty).eval()  # fmt: skip
+    ensemble = DualNetworkEnsemble(pred, aux, predictive_uses_uncertainty=predictive_uses_uncertainty).eval()
     x = torch.randn(1, 1, 32, 32, 32)
     with torch.no_grad():
-        members = split_members(ensemble(x), dim=1)
+        members = split_members(ensemble.forward_members(x), dim=1)
         out = forward_two_nets(pred, aux, x, 0.7, predictive_uses_uncertainty)
     torch.testing.assert_close(members["predictive"], torch.log_softmax(out.logits_p, dim=1), atol=1e-5, rtol=0)
     torch.testing.assert_close(members["auxiliary"], torch.log_softmax(out.logits_a, dim=1), atol=1e-5, rtol=0)

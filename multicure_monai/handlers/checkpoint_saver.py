@@ -39,8 +39,8 @@ __all__ = [
 ]
 
 
-# the logger name from before the split into checkpoint_* modules, so log output and filters are unchanged
-_logger = logging.getLogger("multicure_monai.engines.checkpoint")
+# one logger for the checkpoint modules (saver, loader, resume, architecture record)
+_logger = logging.getLogger("multicure_monai.handlers.checkpoint")
 
 
 # ------------------------------------------------------------------------------------------------ write
@@ -91,7 +91,7 @@ class AtomicDiskSaver(BaseSaveHandler):
         filename: fixed filename for every save (e.g. ``model.pt``); ``None``: ignite's names.
         check_finite: refuse (``FloatingPointError``) to write a checkpoint with NaN/Inf in a float tensor.
         sidecar: architecture switches to write next to each file as its side-car (for a bare state dict, see
-            :mod:`~multicure_monai.engines.checkpoint_architecture`); ``None``: no side-car.
+            :mod:`~multicure_monai.handlers.checkpoint_architecture`); ``None``: no side-car.
     """
 
     def __init__(

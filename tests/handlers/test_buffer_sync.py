@@ -1,4 +1,4 @@
-"""Tests for multicure_monai/engines/buffer_sync.py: two gloo processes on CPU."""
+"""Tests for multicure_monai/handlers/buffer_sync.py: two gloo processes on CPU."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from ignite.engine import Engine, Events
 from monai.engines.utils import IterationEvents
 
-from multicure_monai.engines.buffer_sync import BufferSyncHandler, broadcast_buffers
+from multicure_monai.handlers.buffer_sync import BufferSyncHandler, broadcast_buffers
 
 WORLD = 2
 

@@ -1,7 +1,7 @@
 """Resume a killed run from the latest checkpoint in a folder.
 
 :class:`ResumeCheckpointLoader` finds the latest resume checkpoint (``*iteration=N.pt``, written by
-:class:`~multicure_monai.engines.checkpoint_saver.AtomicCheckpointSaver`) and loads it into the nets,
+:class:`~multicure_monai.handlers.checkpoint_saver.AtomicCheckpointSaver`) and loads it into the nets,
 optimizer, lr scheduler, trainer (iteration/epoch counters) and the ``models/model.pt`` saver, for
 ``resume: true`` (a missing checkpoint is an error) or ``resume: auto`` (start fresh when there is none).
 :func:`resume_checkpoint_dict` names what such a checkpoint holds.
@@ -26,8 +26,8 @@ __all__ = ["find_latest_checkpoint", "resume_checkpoint_dict", "ResumeCheckpoint
 
 _CKPT_RE = re.compile(r"iteration=(\d+)\.pt$")
 
-# the logger name from before the split into checkpoint_* modules, so log output and filters are unchanged
-_logger = logging.getLogger("multicure_monai.engines.checkpoint")
+# one logger for the checkpoint modules (saver, loader, resume, architecture record)
+_logger = logging.getLogger("multicure_monai.handlers.checkpoint")
 
 
 def find_latest_checkpoint(ckpt_dir: str | os.PathLike, pattern: str = "*iteration=*.pt") -> str | None:

@@ -1,5 +1,5 @@
 """Checkpoints record the switches that shape the nets; loading names each mismatch and its flag
-(multicure_monai/engines/checkpoint_architecture.py)."""
+(multicure_monai/handlers/checkpoint_architecture.py)."""
 
 from __future__ import annotations
 
@@ -12,37 +12,38 @@ from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader
 from torch import nn
 
-from multicure_monai.engines.checkpoint import (
+from multicure_monai.handlers import AtomicCheckpointSaver, ResumeCheckpointLoader, SafeCheckpointLoader, check_loaders
+from multicure_monai.errors import BundleInputError
+from multicure_monai.handlers.checkpoint_architecture import (
     ARCHITECTURE_KEY,
-    AtomicCheckpointSaver,
-    ResumeCheckpointLoader,
-    SafeCheckpointLoader,
-    check_loaders,
     read_architecture,
     sidecar_path,
+    write_sidecar,
 )
-from multicure_monai.errors import BundleInputError
 from multicure_monai.networks.ensemble import DualNetworkEnsemble
 from multicure_monai.networks.resnet_vnet import ResNetVNet
 from multicure_monai.networks.vnet import VNet
 
-ARCH = {
-    "num_classes": 2,
-    "in_channels": 1,
-    "use_multicure": True,
-    "multicure_form": "authors",
-    "multicure_level": 2,
-    "predictive_uses_uncertainty": False,
-}
+# the configs' `architecture`: nested as the configs write it; a record holds it by config id (FLAT)
+ARCH = {"num_classes": 2, "in_channels": 1,
+        "multicure": {"use": True, "form": "authors", "level": 2, "in_predictive": False}}  # fmt: skip
+FLAT = {"num_classes": 2, "in_channels": 1, "multicure#use": True, "multicure#form": "authors", "multicure#level": 2,
+        "multicure#in_predictive": False}  # fmt: skip
+
+
+def _arch(**multicure) -> dict:
+    """ARCH with some of the multicure group's switches changed."""
+    return {**ARCH, "multicure": {**ARCH["multicure"], **multicure}}
 
 
 def _ensemble(arch: dict) -> DualNetworkEnsemble:
     """The deployed network as the bundle configs build it from the switches."""
+    block = arch["multicure"]
     kw = dict(spatial_dims=3, in_channels=arch["in_channels"], out_channels=arch["num_classes"])
-    kw.update(multicure_level=arch["multicure_level"], multicure_kwargs={"form": arch["multicure_form"]})
-    predictive = VNet(multicure=arch["predictive_uses_uncertainty"], **kw)
-    auxiliary = ResNetVNet(multicure=arch["use_multicure"], **kw)
-    return DualNetworkEnsemble(predictive, auxiliary, predictive_uses_uncertainty=arch["predictive_uses_uncertainty"])
+    kw.update(multicure_level=block["level"], multicure_kwargs={"form": block["form"]})
+    predictive = VNet(multicure=block["in_predictive"], **kw)
+    auxiliary = ResNetVNet(multicure=block["use"], **kw)
+    return DualNetworkEnsemble(predictive, auxiliary, predictive_uses_uncertainty=block["in_predictive"])
 
 
 def _save_final(folder: Path, save_dict: dict, arch: dict | None, **kwargs) -> AtomicCheckpointSaver:
@@ -65,7 +66,7 @@ def test_model_pt_stays_a_bare_state_dict_with_a_sidecar(tmp_path: Path) -> None
     assert set(state) == {"weight", "bias"}  # plain torch.load + load_state_dict, MONAI Label, CheckpointLoader
     nn.Linear(3, 2).load_state_dict(state, strict=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.architecture.json", "model.pt"]
-    assert read_architecture(tmp_path / "model.pt") == ARCH
+    assert read_architecture(tmp_path / "model.pt") == FLAT
     # MONAI's own loader (strict) is unaffected
     loader = CheckpointLoader(str(tmp_path / "model.pt"), {"model": nn.Linear(3, 2)}, strict=True)
     loader(Engine(lambda e, b: None))
@@ -75,29 +76,39 @@ def test_resume_checkpoint_holds_the_record(tmp_path: Path) -> None:
     net = nn.Linear(3, 2)
     _save_final(tmp_path, {"network": net, "optimizer": torch.optim.SGD(net.parameters(), lr=0.1)}, ARCH)
     checkpoint = torch.load(tmp_path / "model.pt", weights_only=True)
-    assert checkpoint[ARCHITECTURE_KEY] == ARCH and not Path(sidecar_path(tmp_path / "model.pt")).exists()
-    assert read_architecture(tmp_path / "model.pt", checkpoint) == ARCH
+    assert checkpoint[ARCHITECTURE_KEY] == FLAT and not Path(sidecar_path(tmp_path / "model.pt")).exists()
+    assert read_architecture(tmp_path / "model.pt", checkpoint) == FLAT
 
 
 @pytest.mark.parametrize(
     "changes, flags",
     [
-        ({"multicure_level": 1}, ["--multicure_level 2"]),
-        ({"use_multicure": False}, ["--use_multicure True"]),
-        ({"multicure_form": "paper", "predictive_uses_uncertainty": True},
-         ["--multicure_form authors", "--predictive_uses_uncertainty False"]),
+        ({"level": 1}, ["--multicure#level 2"]),
+        ({"use": False}, ["--multicure#use True"]),
+        ({"form": "paper", "in_predictive": True}, ["--multicure#form authors", "--multicure#in_predictive False"]),
     ],
 )  # fmt: skip
 def test_mismatch_names_every_switch_and_its_flag(tmp_path: Path, changes: dict, flags: list[str]) -> None:
     _save_final(tmp_path, {"model": nn.Linear(3, 2)}, ARCH)
     with pytest.raises(BundleInputError) as err:
-        _load(tmp_path / "model.pt", nn.Linear(3, 2), {**ARCH, **changes})
+        _load(tmp_path / "model.pt", nn.Linear(3, 2), _arch(**changes))
     message = str(err.value)
     assert str(tmp_path / "model.pt") in message
     for flag in flags:
         assert flag in message
-    for key in set(ARCH) - set(changes):
-        assert f"--{key}" not in message
+    for key in set(FLAT) - {f"multicure#{k}" for k in changes}:
+        assert f"--{key} " not in message
+
+
+def test_a_record_from_before_the_groups_is_compared_by_todays_ids(tmp_path: Path) -> None:
+    """A model.pt of version 0.11 or older records the switches by their flat ids (``multicure_level``)."""
+    torch.save(nn.Linear(3, 2).state_dict(), tmp_path / "model.pt")
+    old = {"num_classes": 2, "in_channels": 1, "use_multicure": True, "multicure_form": "authors",
+           "multicure_level": 1, "predictive_uses_uncertainty": False}  # fmt: skip
+    write_sidecar(tmp_path / "model.pt", old)
+    assert read_architecture(tmp_path / "model.pt") == {**FLAT, "multicure#level": 1}
+    with pytest.raises(BundleInputError, match="--multicure#level 1"):
+        _load(tmp_path / "model.pt", nn.Linear(3, 2), ARCH)
 
 
 def test_matching_record_loads(tmp_path: Path) -> None:
@@ -109,10 +120,10 @@ def test_matching_record_loads(tmp_path: Path) -> None:
 
 
 def test_real_level_mismatch_names_the_switch_not_the_tensors(tmp_path: Path) -> None:
-    """The issue's case: a default (level 2) model.pt loaded with --multicure_level 1."""
+    """The issue's case: a default (level 2) model.pt loaded with --multicure#level 1."""
     _save_final(tmp_path, {"model": _ensemble(ARCH)}, ARCH)
-    level1 = {**ARCH, "multicure_level": 1}
-    with pytest.raises(BundleInputError, match="--multicure_level 2") as err:
+    level1 = _arch(level=1)
+    with pytest.raises(BundleInputError, match="--multicure#level 2") as err:
         _load(tmp_path / "model.pt", _ensemble(level1), level1)
     assert "size mismatch" not in str(err.value)
 
@@ -124,19 +135,19 @@ def test_old_checkpoint_without_record_loads_and_a_misfit_names_the_switches(tmp
     target = _ensemble(ARCH)
     _load(path, target, ARCH)
     assert all(torch.equal(a, b) for a, b in zip(target.state_dict().values(), source.state_dict().values()))
-    level1 = {**ARCH, "multicure_level": 1}
+    level1 = _arch(level=1)
     with pytest.raises(BundleInputError, match="records no architecture") as err:
         _load(path, _ensemble(level1), level1)
-    assert "--multicure_level" in str(err.value) and "--use_multicure" in str(err.value)
+    assert "--multicure#level" in str(err.value) and "--multicure#use" in str(err.value)
 
 
 def test_sidecar_of_another_model_pt_is_ignored(tmp_path: Path) -> None:
     _save_final(tmp_path, {"model": nn.Linear(3, 2)}, ARCH)
     torch.save(nn.Linear(3, 2).state_dict(), tmp_path / "model.pt")  # replaced by hand, side-car left behind
     assert read_architecture(tmp_path / "model.pt") is None
-    _load(tmp_path / "model.pt", nn.Linear(3, 2), {**ARCH, "multicure_level": 1})  # not compared: loads
+    _load(tmp_path / "model.pt", nn.Linear(3, 2), _arch(level=1))  # not compared: loads
     side = json.loads(Path(sidecar_path(tmp_path / "model.pt")).read_text())
-    assert side["architecture"] == ARCH and len(side["sha256"]) == 64
+    assert side["architecture"] == FLAT and len(side["sha256"]) == 64
 
 
 def test_resume_compares_before_loading(tmp_path: Path) -> None:
@@ -160,7 +171,7 @@ def test_check_loaders_checks_monai_loaders_only(tmp_path: Path) -> None:
     monai_loader = CheckpointLoader(str(tmp_path / "model.pt"), {"model": nn.Linear(3, 2)}, strict=False)
     handlers = [monai_loader, Events.STARTED]
     assert check_loaders(handlers, ARCH) is handlers
-    with pytest.raises(BundleInputError, match="--multicure_level 2"):
-        check_loaders(handlers, {**ARCH, "multicure_level": 1})
+    with pytest.raises(BundleInputError, match="--multicure#level 2"):
+        check_loaders(handlers, _arch(level=1))
     ours = SafeCheckpointLoader(str(tmp_path / "model.pt"), {"model": nn.Linear(3, 2)})
-    check_loaders([ours], {**ARCH, "multicure_level": 1})  # checks itself when it loads
+    check_loaders([ours], _arch(level=1))  # checks itself when it loads

@@ -87,7 +87,7 @@ class SafeCheckpointLoader(CheckpointLoader):
     Same arguments as MONAI's loader, plus ``engine_key``: also restore the engine this handler is attached to
     (ignite ``state_dict``: iteration, epoch) from that key of the checkpoint; and ``architecture``: the
     switches that shape the configured networks, compared with the checkpoint's record before anything is
-    loaded (:mod:`~multicure_monai.engines.checkpoint_architecture`; one ``BundleInputError`` naming each
+    loaded (:mod:`~multicure_monai.handlers.checkpoint_architecture`; one ``BundleInputError`` naming each
     mismatch and its flag). A checkpoint without a record loads as before; if its weights do not fit, the
     error names the switches to set instead of PyTorch's ``size mismatch`` list.
     """

@@ -1,5 +1,5 @@
 """The trainer's MLflow run gets the loss terms and ends FAILED when training raises
-(multicure_monai/engines/tracking.py); skipped where mlflow is not installed (the `tracking` extra)."""
+(multicure_monai/handlers/tracking.py); skipped where mlflow is not installed (the `tracking` extra)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from ignite.engine import Engine
 from monai.handlers import MLFlowHandler, StatsHandler
 from monai.utils import path_to_sqlite_uri
 
-from multicure_monai.engines.progress_bar import scalar_terms
-from multicure_monai.engines.tracking import MLflowFailedRun, track_training_terms
+from multicure_monai.handlers.progress_bar import scalar_terms
+from multicure_monai.handlers.tracking import MLflowFailedRun, track_training_terms
 
 mlflow = pytest.importorskip("mlflow", reason="mlflow is not installed (pip install -e '.[tracking]')")
 

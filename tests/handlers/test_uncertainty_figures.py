@@ -9,7 +9,7 @@ import torch
 from ignite.engine import Engine
 from monai.data import MetaTensor
 
-from multicure_monai.engines.uncertainty_figures import UncertaintyFigures
+from multicure_monai.handlers.uncertainty_figures import UncertaintyFigures
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -6,7 +6,7 @@
 settings are a constant of MONAI, not an id of the bundle, so :func:`track_training_terms` adjusts the handler
 object in the list the trainer gets (``train#trainer_handlers`` in train.yaml):
 
-* its ``output_transform`` becomes the bundle's ``log_terms`` (every ``loss*`` term and ``diag_*``
+* its ``output_transform`` becomes the bundle's ``diagnostics#log_terms`` (every ``loss*`` term and ``diag_*``
   diagnostic, as the training log and TensorBoard get them);
 * :class:`MLflowFailedRun` goes first in the list and marks the run FAILED when the trainer raises (the error
   then propagates as before).
@@ -65,7 +65,7 @@ def track_training_terms(handlers: list, output_transform: Callable[[Any], dict]
 
     Args:
         handlers: the trainer's handler objects (``train#handlers`` after MONAI's tracking patch).
-        output_transform: ``engine.state.output`` -> ``{name: float}`` (the bundle's ``log_terms``).
+        output_transform: ``engine.state.output`` -> ``{name: float}`` (the bundle's ``diagnostics#log_terms``).
 
     Returns:
         ``handlers`` with, per ``MLFlowHandler`` found, an :class:`MLflowFailedRun` in front (a new list; the

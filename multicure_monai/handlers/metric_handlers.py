@@ -2,9 +2,9 @@
 
 The distance metrics and their empty-mask convention live in :mod:`multicure_monai.metrics.surface_distance`;
 this module only chooses their settings and feeds them one-hot ``(y_pred, y)`` (:class:`LabelToOneHot`); the
-calibration and uncertainty metrics of :mod:`.calibration` are wired the same way. The bundle's validation scores
-each member net next to the ensemble (:func:`member_metric_handlers`) and reports every metric but the key
-metric as an additional one (:func:`additional_metric_handlers`).
+calibration and uncertainty metrics of :mod:`multicure_monai.metrics.calibration` are wired the same way. The
+bundle's validation scores each member net next to the ensemble (:func:`member_metric_handlers`) and reports
+every metric but the key metric as an additional one (:func:`additional_metric_handlers`).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from monai.handlers import IgniteMetricHandler, from_engine
 from monai.metrics import DiceMetric, MeanIoU
 from monai.networks.utils import one_hot
 
-from .calibration import QUANTITIES, REGIONS, UncertaintyMetric
-from .surface_distance import (
+from multicure_monai.metrics.calibration import QUANTITIES, REGIONS, UncertaintyMetric
+from multicure_monai.metrics.surface_distance import (
     EMPTY_DIAGONAL,
     EmptyAwareHausdorffDistanceMetric,
     EmptyAwareSurfaceDistanceMetric,
@@ -158,7 +158,9 @@ def calibration_metric_handlers(
     num_bins: int = 15,
     save_details: bool = True,
 ) -> dict[str, Metric]:
-    """Calibration and uncertainty of the foreground probability (:mod:`.calibration`) as evaluator metrics.
+    """Calibration and uncertainty of the foreground probability as evaluator metrics.
+
+    The quantities are those of :mod:`multicure_monai.metrics.calibration`.
 
     One handler per quantity and region: ``{prefix}ece``, ``{prefix}brier``, ``{prefix}entropy``,
     ``{prefix}uncertain_fraction`` (all voxels), the same with ``_band`` / ``_rest`` (within ``band_width``

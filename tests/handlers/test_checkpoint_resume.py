@@ -1,10 +1,10 @@
-"""multicure_monai/engines/checkpoint_resume.py: what a resume checkpoint holds (the loader: test_resume.py)."""
+"""multicure_monai/handlers/checkpoint_resume.py: what a resume checkpoint holds (the loader: test_resume.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from multicure_monai.engines.checkpoint import resume_checkpoint_dict
+from multicure_monai.handlers import resume_checkpoint_dict
 
 REQUIRED = ("network", "aux_network", "optimizer", "lr_scheduler", "model_saver")
 

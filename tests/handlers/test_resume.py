@@ -4,7 +4,7 @@ Tiny phantoms (32^3), K = 4 iterations with ``val_interval = checkpoint_interval
 then a run killed with SIGKILL (no chance to clean up) right after ``ckpt/checkpoint_iteration=2.pt`` appears,
 then the same command plus ``--resume true``. On CPU with one thread, every saved tensor (both nets, SGD
 momentum buffers, lr scheduler, iteration counter, best-metric model.pt) must be equal bit for bit:
-:class:`multicure_monai.engines.determinism.EpochSeedHandler` makes each epoch's data a function of
+:class:`multicure_monai.handlers.determinism.EpochSeedHandler` makes each epoch's data a function of
 ``(seed, epoch)``, and the checkpoint holds everything else.
 """
 
@@ -21,7 +21,7 @@ import pytest
 import torch
 from ignite.engine import Events
 
-from multicure_monai.engines.checkpoint import find_latest_checkpoint
+from multicure_monai.handlers import find_latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = REPO / "bundle" / "configs" / "train.yaml"
@@ -108,7 +108,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path: Path, datalist: Path) ->
         _assert_same(ckpt_ref[key], ckpt_res[key], key)
     assert sorted(p.name for p in (run_root / "ckpt").iterdir()) == [f"checkpoint_iteration={K}.pt"]
     assert sorted(p.name for p in (run_root / "models").iterdir()) == ["model.architecture.json", "model.pt"]
-    assert ckpt_res["architecture"] == ckpt_ref["architecture"] and ckpt_res["architecture"]["multicure_level"] == 2
+    assert ckpt_res["architecture"] == ckpt_ref["architecture"] and ckpt_res["architecture"]["multicure#level"] == 2
     model_ref = torch.load(ref_root / "models" / "model.pt", map_location="cpu", weights_only=True)
     model_res = torch.load(run_root / "models" / "model.pt", map_location="cpu", weights_only=True)
     _assert_same(model_ref, model_res, "model.pt")
@@ -133,8 +133,8 @@ def _build(max_epochs: int, ckpt_dir: Path, resume: bool, reseed: bool):
     from monai.transforms import Compose, RandFlipd, RandGaussianNoised
     from torch import nn
 
-    from multicure_monai.engines.checkpoint import AtomicCheckpointSaver, ResumeCheckpointLoader
-    from multicure_monai.engines.determinism import EpochSeedHandler
+    from multicure_monai.handlers import AtomicCheckpointSaver, ResumeCheckpointLoader
+    from multicure_monai.handlers.determinism import EpochSeedHandler
     from multicure_monai.engines.loss_terms import method_loss_terms
     from multicure_monai.engines.semi_supervised_trainer import SemiSupervisedTrainer
     from multicure_monai.losses.pseudo_label import PseudoLabelLoss

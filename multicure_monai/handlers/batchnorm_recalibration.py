@@ -80,8 +80,9 @@ class BatchNormRecalibration:
     """Ignite handler: before every validation, recompute both nets' BatchNorm running statistics.
 
     Attach it to a :class:`~multicure_monai.engines.semi_supervised_trainer.SemiSupervisedTrainer` *before*
-    the ``ValidationHandler`` (with the same ``interval`` and ``epoch_level``) and the checkpoint savers (MONAI ``train_handlers`` attach in list order and
-    ignite runs handlers of one event in attach order), so validation, ``models/model.pt`` and the checkpoints
+    the ``ValidationHandler`` (with the same ``interval`` and ``epoch_level``) and the checkpoint savers (MONAI
+    ``train_handlers`` attach in list order and ignite runs handlers of one event in attach order), so
+    validation, ``models/model.pt`` and the checkpoints
     hold the recomputed statistics. The batches are drawn like training batches (labelled, then unlabelled,
     same transforms); the data streams restart at the next epoch (``EpochSeedHandler``), so a resumed run
     stays bit-identical.

@@ -1,4 +1,4 @@
-"""Atomic checkpoint writes, weights-only loading, and the NaN guard (multicure_monai/engines/checkpoint.py)."""
+"""Atomic checkpoint writes, weights-only loading, and the NaN guard (multicure_monai/handlers/checkpoint_*.py)."""
 
 from __future__ import annotations
 
@@ -19,16 +19,14 @@ from monai.losses import DiceCELoss
 from torch import nn
 from torch.utils.data import DataLoader
 
-from multicure_monai.engines.checkpoint import (
-    TMP_SUFFIX,
-    AtomicCheckpointSaver,
-    AtomicDiskSaver,
+from multicure_monai.atomic_files import TMP_SUFFIX
+from multicure_monai.handlers.checkpoint_loader import (
     CorruptCheckpointError,
     SafeCheckpointLoader,
     UnsafeCheckpointError,
-    atomic_torch_save,
     safe_load,
 )
+from multicure_monai.handlers.checkpoint_saver import AtomicCheckpointSaver, AtomicDiskSaver, atomic_torch_save
 from multicure_monai.engines.loss_terms import method_loss_terms
 from multicure_monai.engines.semi_supervised_trainer import SemiSupervisedTrainer
 from multicure_monai.losses.pseudo_label import PseudoLabelLoss
@@ -45,7 +43,7 @@ def _state(value: float) -> dict:
 SLOW_WRITER = textwrap.dedent(
     """
     import io, sys, time, torch
-    from multicure_monai.engines.checkpoint import atomic_torch_save
+    from multicure_monai.handlers.checkpoint_saver import atomic_torch_save
 
     target, marker = sys.argv[1], sys.argv[2]
     real_save = torch.save

@@ -1,10 +1,10 @@
 """Checkpoints that know the switches which shaped their networks, and a loading check that names each mismatch.
 
-A ``model.pt`` trained with ``multicure_level: 2`` does not fit networks built with ``multicure_level: 1``;
+A ``model.pt`` trained with ``multicure#level: 2`` does not fit networks built with ``multicure#level: 1``;
 PyTorch's own error is a long ``size mismatch for auxiliary.decoder.multicure...`` list that names no switch.
-The switches (``use_multicure``, ``multicure_form``, ``multicure_level``, ``predictive_uses_uncertainty``,
-``num_classes``, ``in_channels``: the ``architecture`` id of the bundle configs) are recorded when a checkpoint
-is written and compared before one is loaded:
+The switches (``num_classes``, ``in_channels`` and the ``multicure`` group: the ``architecture`` id of the bundle
+configs) are recorded by config id (:func:`~multicure_monai.config_ids.flatten_ids`, e.g. ``multicure#level``)
+when a checkpoint is written and compared before one is loaded:
 
 * resume checkpoints (a dict of state dicts) hold them under the key :data:`ARCHITECTURE_KEY`, through
   :class:`ArchitectureRecord` in the saver's ``save_dict``;
@@ -17,7 +17,9 @@ is written and compared before one is loaded:
   to its ``model.pt`` (one replaced by hand) count as absent rather than as a wrong record.
 
 Checkpoints without a record (written before this check) still load; only when their weights then do not fit
-does :func:`explain_load_error` name the switches to set.
+does :func:`explain_load_error` name the switches to set. A record written before the switches were grouped
+(version 0.12.0) names them by their flat ids then (``multicure_level``); :func:`read_architecture` reads
+them as today's ids.
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from multicure_monai.atomic_files import atomic_write
+from multicure_monai.config_ids import flatten_ids
 from multicure_monai.errors import BundleInputError
 
 __all__ = [
@@ -49,12 +52,20 @@ ARCHITECTURE_KEY = "architecture"
 #: The side-car of ``<name>.pt`` is ``<name>`` + this suffix (never ``.pt``: MONAI Label offers ``models/*.pt``).
 SIDECAR_SUFFIX = ".architecture.json"
 
-_logger = logging.getLogger("multicure_monai.engines.checkpoint")
+_logger = logging.getLogger("multicure_monai.handlers.checkpoint")
+
+# the ids of the switches in records written before they were grouped (version 0.12.0)
+_FLAT_IDS = {
+    "use_multicure": "multicure#use",
+    "multicure_form": "multicure#form",
+    "multicure_level": "multicure#level",
+    "predictive_uses_uncertainty": "multicure#in_predictive",
+}
 
 
 def _plain(architecture: Mapping[str, Any]) -> dict[str, Any]:
-    """The record as plain JSON / weights-only-loadable values (tuples become lists)."""
-    return {str(k): list(v) if isinstance(v, tuple) else v for k, v in architecture.items()}
+    """The record by config id, as plain JSON / weights-only-loadable values (tuples become lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in flatten_ids(architecture).items()}
 
 
 class ArchitectureRecord:
@@ -63,7 +74,7 @@ class ArchitectureRecord:
     Loading is done by :func:`check_architecture` before anything else, so :meth:`load_state_dict` does nothing.
 
     Args:
-        architecture: switch name -> value, e.g. ``{"multicure_level": 2, "use_multicure": True}``.
+        architecture: config id -> value, nested for groups, e.g. ``{"multicure": {"level": 2, "use": True}}``.
     """
 
     def __init__(self, architecture: Mapping[str, Any]) -> None:
@@ -96,7 +107,7 @@ def write_sidecar(path: str | os.PathLike, architecture: Mapping[str, Any]) -> s
 
     Args:
         path: the checkpoint file it describes.
-        architecture: switch name -> value.
+        architecture: config id -> value, nested for groups.
 
     Returns:
         The side-car's path (written atomically).
@@ -114,10 +125,10 @@ def read_architecture(path: str | os.PathLike, checkpoint: Any = None) -> dict[s
         checkpoint: its loaded content, if already loaded (a record inside it wins over a side-car).
 
     Returns:
-        switch name -> value, or None.
+        config id -> value, or None.
     """
     if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get(ARCHITECTURE_KEY), Mapping):
-        return dict(checkpoint[ARCHITECTURE_KEY])
+        return _current_ids(checkpoint[ARCHITECTURE_KEY])
     side = sidecar_path(path)
     if not os.path.isfile(side):
         return None
@@ -131,7 +142,12 @@ def read_architecture(path: str | os.PathLike, checkpoint: Any = None) -> dict[s
     if digest != _sha256(path):
         _logger.warning(f"{side} describes another version of {os.fspath(path)} (hash differs); not compared")
         return None
-    return dict(record)
+    return _current_ids(record)
+
+
+def _current_ids(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A record with the ids of today's configs (a record from before 0.12.0 has flat ids)."""
+    return {_FLAT_IDS.get(k, k): v for k, v in _plain(record).items()}
 
 
 def _flag(value: Any) -> str:
@@ -150,16 +166,16 @@ def check_architecture(
 
     Args:
         path: the checkpoint file (named in the message).
-        recorded: what the checkpoint was written with (None: no record, nothing to compare).
-        expected: what this run configures.
+        recorded: what the checkpoint was written with, by config id (None: no record, nothing to compare).
+        expected: what this run configures (config id -> value, nested for groups).
 
     Raises:
         BundleInputError: a switch differs; the message lists each with the flag that makes this run match.
     """
     if not recorded:
         return
-    expected = _plain(expected)
-    diffs = [k for k in expected if k in recorded and _plain({k: recorded[k]})[k] != expected[k]]
+    expected, recorded = _plain(expected), _current_ids(recorded)
+    diffs = [k for k in expected if k in recorded and recorded[k] != expected[k]]
     if not diffs:
         return
     lines = [f"  {k}: the checkpoint has {recorded[k]!r}, this run {expected[k]!r}" for k in diffs]
@@ -171,14 +187,16 @@ def check_architecture(
     )
 
 
-def explain_load_error(path: str | os.PathLike, error: Exception, names: Iterable[str]) -> BundleInputError | None:
+def explain_load_error(
+    path: str | os.PathLike, error: Exception, architecture: Mapping[str, Any]
+) -> BundleInputError | None:
     """Turn PyTorch's ``size mismatch`` / ``Missing key(s)`` error of a checkpoint without a record into one that
     names the switches to set; None for any other error.
 
     Args:
         path: the checkpoint file.
         error: what ``load_state_dict`` raised.
-        names: the architecture switches of the config (named in the message).
+        architecture: the architecture switches of the config (their ids are named in the message).
     """
     text = str(error)
     if not isinstance(error, RuntimeError) or not any(
@@ -186,7 +204,7 @@ def explain_load_error(path: str | os.PathLike, error: Exception, names: Iterabl
     ):
         return None
     first = next((line.strip() for line in text.splitlines()[1:] if line.strip()), text.splitlines()[0])
-    flags = ", ".join(f"--{k}" for k in names)
+    flags = ", ".join(f"--{k}" for k in flatten_ids(architecture))
     return BundleInputError(
         f"{os.fspath(path)} does not fit the networks this run builds ({first[:200]}). The checkpoint records no "
         f"architecture (written before the record existed, or its side-car is missing): run with the switches it "

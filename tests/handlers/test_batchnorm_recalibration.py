@@ -9,7 +9,7 @@ from monai.losses import DiceCELoss
 from torch import nn
 from torch.utils.data import DataLoader
 
-from multicure_monai.engines.batchnorm_recalibration import BatchNormRecalibration, recalibrate_batchnorm
+from multicure_monai.handlers.batchnorm_recalibration import BatchNormRecalibration, recalibrate_batchnorm
 from multicure_monai.engines.loss_terms import method_loss_terms
 from multicure_monai.engines.semi_supervised_trainer import SemiSupervisedTrainer
 from multicure_monai.losses.pseudo_label import PseudoLabelLoss
