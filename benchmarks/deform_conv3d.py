@@ -23,6 +23,8 @@ CPU, ``compiled`` (the C++ kernels, the CPU default: sampling and weight product
 weight group, the same chunking as ``gather`` with C++ sampling otherwise); optionally
 ``grid_sample`` (one ``F.grid_sample`` into a (B, C, K*D, H, W) tensor, then one GEMM; the CUDA default).
 Timings alternate between the variants (round robin), so a change in machine load hits all of them alike.
+``--against REV`` adds ``compiled@REV``: the C++ kernels of git revision REV, built under their own name, so that
+a kernel change is timed against its predecessor in one process.
 """
 
 from __future__ import annotations
@@ -40,8 +42,31 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import multicure_monai.networks.deform_conv as deform_conv_module  # noqa: E402
 from multicure_monai.networks.deform_conv import DeformConv3d  # noqa: E402
-from multicure_monai.networks.deform_conv_extension import ISA_ENV, _isa_flags  # noqa: E402
+from multicure_monai.networks.deform_conv_extension import ISA_ENV, SOURCE, _isa_flags  # noqa: E402
+
+#: kernel modules of other revisions (``--against``), by variant name
+_OTHER_KERNELS: dict = {}
+
+
+def load_kernels_of(rev: str) -> str:
+    """Builds the C++ kernel source of git revision ``rev`` under its own name; returns its variant name."""
+    from torch.utils.cpp_extension import load
+
+    repo = SOURCE.parents[3]
+    src = subprocess.run(["git", "-C", str(repo), "show", f"{rev}:{SOURCE.relative_to(repo).as_posix()}"],
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    tag = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", rev], capture_output=True, text=True,
+                         check=True).stdout.strip()  # fmt: skip
+    folder = torch.utils.cpp_extension._get_build_directory(f"deform_conv_bench_{tag}", False)
+    path = os.path.join(folder, "kernels.cpp")
+    with open(path, "w") as f:
+        f.write(src)
+    name = f"compiled@{tag}"
+    _OTHER_KERNELS[name] = load(name=f"deform_conv_bench_{tag}", sources=[path],
+                                extra_cflags=["-O3", "-fopenmp", *_isa_flags()[1]], extra_ldflags=["-fopenmp"])  # fmt: skip
+    return name
 
 __all__ = ["main"]
 
@@ -54,8 +79,20 @@ def _make(variant: str, shape, cout: int, device: str, seed: int = 0):
         mod = torch.nn.Conv3d(c, cout, 3, padding=1).to(device)
         return (lambda: mod(x)), [x]
     offset = (0.5 * torch.randn(b, 81, d, h, w, device=device)).requires_grad_()
-    mod = DeformConv3d(c, cout, 3, padding=1, implementation=variant).to(device)
-    return (lambda: mod(x, offset)), [x, offset]
+    other = _OTHER_KERNELS.get(variant)
+    mod = DeformConv3d(c, cout, 3, padding=1, implementation="compiled" if other else variant).to(device)
+    if other is None:
+        return (lambda: mod(x, offset)), [x, offset]
+
+    def run_other() -> torch.Tensor:  # the module looks its kernels up at each forward
+        current = deform_conv_module.load_cpu_extension
+        deform_conv_module.load_cpu_extension = lambda: other
+        try:
+            return mod(x, offset)
+        finally:
+            deform_conv_module.load_cpu_extension = current
+
+    return run_other, [x, offset]
 
 
 def _step(fn) -> None:
@@ -124,8 +161,12 @@ def main() -> None:
     p.add_argument("--grid-sample", action="store_true", help="also run implementation='grid_sample'")
     p.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
     p.add_argument("--no-gather", action="store_true", help="skip the (slow) pure PyTorch gather path")
+    p.add_argument("--against", metavar="REV", help="also time the compiled kernels of git revision REV (CPU)")
     args = p.parse_args()
     variants = ["conv"] + ([] if args.no_gather else ["gather"]) + (["compiled"] if args.device == "cpu" else [])
+    if args.against and args.device == "cpu":
+        variants.append(load_kernels_of(args.against))
+        args.no_memory = True  # the subprocesses of the memory measurement do not see the other build
     variants += ["grid_sample"] if args.grid_sample else []
     res = {}
     # memory first (fresh subprocesses on CPU), then timing in this process
@@ -141,6 +182,8 @@ def main() -> None:
         print(f"{v:>11s} / conv: time x{t / t0:.2f}   memory x{m / m0 if m0 > 0 else float('nan'):.2f}")
     if "compiled" in res and "gather" in res:
         print(f"   compiled / gather: time x{res['compiled'][0] / res['gather'][0]:.2f}")
+    for v in _OTHER_KERNELS:
+        print(f"   compiled / {v}: time x{res['compiled'][0] / res[v][0]:.2f}")
     isa = _isa_flags()[0] if args.device == "cpu" else "-"
     print(f"(shape {args.shape}, C_out {args.out_channels}, device {args.device}, threads {torch.get_num_threads()}, "
           f"kernels built for {isa}; {ISA_ENV}=avx2 builds and times the AVX2 kernels)")

@@ -15,6 +15,8 @@ CASES = [
     (["benchmarks/deform_conv3d.py", "--shape", "1", "4", "6", "6", "5", "--out-channels", "4", "--repeats", "1",
       "--no-memory", "--grid-sample", "--device", "cpu"], ["gather / conv: time x", "compiled / conv: time x", "grid_sample / conv: time x",
        "compiled / gather: time x"]),
+    (["benchmarks/deform_conv3d.py", "--shape", "1", "4", "6", "6", "5", "--out-channels", "4", "--repeats", "1",
+      "--no-gather", "--against", "HEAD", "--device", "cpu"], ["compiled / compiled@", "compiled@"]),
     (["benchmarks/train_step.py", "--roi", "16", "16", "16", "--labelled", "1", "--unlabelled", "1", "--repeats", "1",
       "--warmup", "0", "--device", "cpu", "--split"],
      ["ratio paper/reference (total):", "ratio authors/reference (total, fastest steps):",
@@ -34,8 +36,10 @@ CASES = [
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("args, expected", CASES, ids=["deform_conv3d", "train_step", "train_step_amp", "inference", "inference_la"])
+@pytest.mark.parametrize("args, expected", CASES, ids=["deform_conv3d", "deform_conv3d_against", "train_step", "train_step_amp", "inference", "inference_la"])
 def test_benchmark_runs_and_reports(args: list[str], expected: list[str]) -> None:
+    if "--against" in args and subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True).returncode:
+        pytest.skip("not a git checkout: no other revision's kernels to build")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     out = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -97,38 +97,54 @@ Geometry make_geometry(const at::Tensor& x, const at::Tensor& offset, const c10:
   return g;
 }
 
-// The 8 trilinear corners of a sample: voxel row indices (into one batch item's D*H*W rows), weights and,
-// optionally, the derivatives of the weights w.r.t. the three coordinates. Returns false when the sample
-// reads zero (outside (-1, size) on some axis); corners outside the volume get weight and derivatives 0.
+// The 8 trilinear corners of a sample, as pointers, so that one channel loop serves all eight: src[c] is the
+// corner's row of channel group gr (or `zeros` when the corner lies outside the volume: it reads zero), dst[c]
+// its row in the input-gradient accumulator (or `sink` outside, discarded); w holds the interpolation weights
+// and, when derivatives are asked for, wd / wh / ww their derivatives w.r.t. the three coordinates (0 outside).
 template <typename T>
-inline bool trilinear_corners(const Geometry& g, T qd, T qh, T qw, int64_t* row, T* w, T* wd, T* wh, T* ww) {
+struct Corners {
+  const T* src[8];
+  T* dst[8];
+  T w[8], wd[8], wh[8], ww[8];
+};
+
+// Fills `cr` for the sample at (qd, qh, qw); returns false when the sample reads zero (outside (-1, size) on some
+// axis). xg / gxg: this batch item's rows offset to channel group gr (gxg null: no dst). A sample whose 8 corners
+// all lie inside (the common case) takes one bounds test.
+template <typename T, bool DERIV>
+inline bool trilinear_corners(const Geometry& g, T qd, T qh, T qw, const T* xg, T* gxg, const T* zeros, T* sink,
+                              Corners<T>& cr) {
   if (!(qd > T(-1) && qd < T(g.D) && qh > T(-1) && qh < T(g.H) && qw > T(-1) && qw < T(g.W))) return false;
   const T fd = std::floor(qd), fh = std::floor(qh), fw = std::floor(qw);
   const int64_t id = static_cast<int64_t>(fd), ih = static_cast<int64_t>(fh), iw = static_cast<int64_t>(fw);
   const T td = qd - fd, th = qh - fh, tw = qw - fw;
   const T ad[2] = {T(1) - td, td}, ah[2] = {T(1) - th, th}, aw[2] = {T(1) - tw, tw};
   const T sgn[2] = {T(-1), T(1)};
+  const bool inside = id >= 0 && id + 1 < g.D && ih >= 0 && ih + 1 < g.H && iw >= 0 && iw + 1 < g.W;
   int c = 0;
   for (int a = 0; a < 2; ++a) {
     const int64_t d = id + a;
-    const bool vd = d >= 0 && d < g.D;
+    const bool vd = inside || (d >= 0 && d < g.D);
     for (int b = 0; b < 2; ++b) {
       const int64_t h = ih + b;
-      const bool vh = h >= 0 && h < g.H;
+      const bool vh = inside || (h >= 0 && h < g.H);
       for (int e = 0; e < 2; ++e, ++c) {
         const int64_t x = iw + e;
-        if (!(vd && vh && x >= 0 && x < g.W)) {
-          row[c] = -1;
-          w[c] = T(0);
-          if (wd != nullptr) wd[c] = wh[c] = ww[c] = T(0);
-          continue;
-        }
-        row[c] = (d * g.H + h) * g.W + x;
-        w[c] = ad[a] * ah[b] * aw[e];
-        if (wd != nullptr) {
-          wd[c] = sgn[a] * ah[b] * aw[e];
-          wh[c] = ad[a] * sgn[b] * aw[e];
-          ww[c] = ad[a] * ah[b] * sgn[e];
+        if (inside || (vd && vh && x >= 0 && x < g.W)) {
+          const int64_t r = ((d * g.H + h) * g.W + x) * g.C;
+          cr.src[c] = xg + r;
+          cr.dst[c] = gxg == nullptr ? sink : gxg + r;
+          cr.w[c] = ad[a] * ah[b] * aw[e];
+          if (DERIV) {
+            cr.wd[c] = sgn[a] * ah[b] * aw[e];
+            cr.wh[c] = ad[a] * sgn[b] * aw[e];
+            cr.ww[c] = ad[a] * ah[b] * sgn[e];
+          }
+        } else {
+          cr.src[c] = zeros;
+          cr.dst[c] = sink;
+          cr.w[c] = T(0);
+          if (DERIV) cr.wd[c] = cr.wh[c] = cr.ww[c] = T(0);
         }
       }
     }
@@ -142,30 +158,50 @@ inline void window_origin(const Geometry& g, int64_t s, int64_t* o) {
   for (int a = 0; a < 3; ++a) o[a] = pos[a] * g.stride[a] - g.padding[a];
 }
 
-// Sampled (and modulated) columns (K, C) of output voxel s of batch item b, written to dst.
+// Per-thread scratch of the sweeps: a row of zeros (what a corner outside the volume reads), a row that absorbs
+// its input-gradient share, and the sampled values of one sample.
 template <typename T>
-inline void sample_voxel(const Geometry& g, const T* xb, const T* off, const T* mask, int64_t b, int64_t s, T* dst) {
-  int64_t row[8];
-  T w[8];
+struct Scratch {
+  std::vector<T> zeros, sink, val;
+  explicit Scratch(int64_t cg) : zeros(cg, T(0)), sink(cg, T(0)), val(cg, T(0)) {}
+};
+
+// Sampled (and modulated) columns (K, C) of output voxel s of batch item b, written to dst: one pass over the
+// channels per sample, all 8 corners at once.
+template <typename T>
+inline void sample_voxel(const Geometry& g, const T* xb, const T* off, const T* mask, int64_t b, int64_t s, T* dst,
+                         Scratch<T>& sc) {
+  Corners<T> cr;
   int64_t o3[3];
   window_origin(g, s, o3);
+  const int64_t cg = g.Cg;
   for (int64_t k = 0; k < g.K; ++k) {
     const int64_t* kd = &g.kdisp[3 * k];
     const int64_t p[3] = {o3[0] + kd[0], o3[1] + kd[1], o3[2] + kd[2]};
     for (int64_t gr = 0; gr < g.G; ++gr) {
-      T* d = dst + k * g.C + gr * g.Cg;
-      std::fill(d, d + g.Cg, T(0));
+      T* d = dst + k * g.C + gr * cg;
       const T* o = off + Geometry::index5(g.os, b, gr, k, s);
-      if (!trilinear_corners<T>(g, T(p[0]) + o[0], T(p[1]) + o[g.os[3]], T(p[2]) + o[2 * g.os[3]], row, w,
-                                (T*)nullptr, (T*)nullptr, (T*)nullptr))
+      if (!trilinear_corners<T, false>(g, T(p[0]) + o[0], T(p[1]) + o[g.os[3]], T(p[2]) + o[2 * g.os[3]],
+                                       xb + gr * cg, nullptr, sc.zeros.data(), sc.sink.data(), cr)) {
+        std::fill(d, d + cg, T(0));
         continue;
+      }
       const T m = mask == nullptr ? T(1) : mask[Geometry::index4(g.ms, b, gr, k, s)];
-      for (int c = 0; c < 8; ++c) {
-        if (row[c] < 0) continue;
-        const T wc = w[c] * m;
-        const T* src = xb + row[c] * g.C + gr * g.Cg;
+      T w[8];
+      for (int c = 0; c < 8; ++c) w[c] = cr.w[c] * m;
+      const T *s0 = cr.src[0], *s1 = cr.src[1], *s2 = cr.src[2], *s3 = cr.src[3];
+      const T *s4 = cr.src[4], *s5 = cr.src[5], *s6 = cr.src[6], *s7 = cr.src[7];
 #pragma omp simd
-        for (int64_t ch = 0; ch < g.Cg; ++ch) d[ch] += wc * src[ch];
+      for (int64_t ch = 0; ch < cg; ++ch) {
+        T acc = w[0] * s0[ch];
+        acc += w[1] * s1[ch];
+        acc += w[2] * s2[ch];
+        acc += w[3] * s3[ch];
+        acc += w[4] * s4[ch];
+        acc += w[5] * s5[ch];
+        acc += w[6] * s6[ch];
+        acc += w[7] * s7[ch];
+        d[ch] = acc;
       }
     }
   }
@@ -175,53 +211,94 @@ template <typename T>
 void columns_kernel(const Geometry& g, const T* x, const T* off, const T* mask, int64_t b, int64_t s0, int64_t s1,
                     T* cols) {
   const T* xb = x + b * g.D * g.H * g.W * g.C;
-#pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < s1 - s0; ++i) sample_voxel<T>(g, xb, off, mask, b, s0 + i, cols + i * g.K * g.C);
+#pragma omp parallel
+  {
+    Scratch<T> sc(g.Cg);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < s1 - s0; ++i) sample_voxel<T>(g, xb, off, mask, b, s0 + i, cols + i * g.K * g.C, sc);
+  }
 }
 
 // Backward of output voxel s of batch item b, given the gradient gc (K, C) of its columns. GX: accumulate the
 // input gradient into gxb (this batch item's rows); GOFF: write the offset gradient; VAL: compute the sampled
-// values (for the columns, written to cols (K, C) when not null, or for the mask gradient). One sweep over the
-// 8 corners of every sample reads each input row once for all three. val: scratch of Cg entries.
+// values (for the columns, written to cols (K, C) when not null, or for the mask gradient). One pass over the
+// channels per sample serves all 8 corners and all three.
 template <typename T, bool GX, bool GOFF, bool VAL>
 inline void backward_voxel(const Geometry& g, const T* xb, const T* off, const T* mask, const T* gc_voxel, int64_t b,
-                           int64_t s, T* cols, T* gxb, T* goff, T* gmask, T* val) {
-  int64_t row[8];
-  T w[8], wd[8], wh[8], ww[8];
+                           int64_t s, T* cols, T* gxb, T* goff, T* gmask, Scratch<T>& sc) {
+  Corners<T> cr;
   int64_t o3[3];
   window_origin(g, s, o3);
+  const int64_t cg = g.Cg;
+  T* val = sc.val.data();
   for (int64_t k = 0; k < g.K; ++k) {
     const int64_t* kd = &g.kdisp[3 * k];
     const int64_t p[3] = {o3[0] + kd[0], o3[1] + kd[1], o3[2] + kd[2]};
     for (int64_t gr = 0; gr < g.G; ++gr) {
-      const int64_t e = k * g.C + gr * g.Cg;
+      const int64_t e = k * g.C + gr * cg;
       const T* gc = gc_voxel + e;
       const T* o = off + Geometry::index5(g.os, b, gr, k, s);
-      const bool inside = trilinear_corners<T>(g, T(p[0]) + o[0], T(p[1]) + o[g.os[3]], T(p[2]) + o[2 * g.os[3]],
-                                               row, w, GOFF ? wd : nullptr, wh, ww);
+      const bool inside = trilinear_corners<T, GOFF>(g, T(p[0]) + o[0], T(p[1]) + o[g.os[3]],
+                                                     T(p[2]) + o[2 * g.os[3]], xb + gr * cg,
+                                                     GX ? gxb + gr * cg : nullptr, sc.zeros.data(), sc.sink.data(), cr);
       const T m = mask == nullptr ? T(1) : mask[Geometry::index4(g.ms, b, gr, k, s)];
       T gq[3] = {T(0), T(0), T(0)};
-      if (VAL) std::fill(val, val + g.Cg, T(0));
       if (inside) {
-        for (int c = 0; c < 8; ++c) {
-          if (row[c] < 0) continue;
-          const T* src = xb + row[c] * g.C + gr * g.Cg;
-          T* dst = GX ? gxb + row[c] * g.C + gr * g.Cg : nullptr;
-          const T wc = w[c], wm = wc * m;
-          T dot = T(0);
-#pragma omp simd reduction(+ : dot)
-          for (int64_t ch = 0; ch < g.Cg; ++ch) {
-            const T sv = src[ch], gv = gc[ch];
-            if constexpr (GOFF) dot += sv * gv;
-            if constexpr (VAL) val[ch] += wc * sv;
-            if constexpr (GX) dst[ch] += wm * gv;
-          }
+        const T *s0 = cr.src[0], *s1 = cr.src[1], *s2 = cr.src[2], *s3 = cr.src[3];
+        const T *s4 = cr.src[4], *s5 = cr.src[5], *s6 = cr.src[6], *s7 = cr.src[7];
+        T *d0 = cr.dst[0], *d1 = cr.dst[1], *d2 = cr.dst[2], *d3 = cr.dst[3];
+        T *d4 = cr.dst[4], *d5 = cr.dst[5], *d6 = cr.dst[6], *d7 = cr.dst[7];
+        T wm[8];
+        for (int c = 0; c < 8; ++c) wm[c] = cr.w[c] * m;
+        const T* w = cr.w;
+        T t0 = T(0), t1 = T(0), t2 = T(0), t3 = T(0), t4 = T(0), t5 = T(0), t6 = T(0), t7 = T(0);
+#pragma omp simd reduction(+ : t0, t1, t2, t3, t4, t5, t6, t7)
+        for (int64_t ch = 0; ch < cg; ++ch) {
+          const T gv = gc[ch];
+          const T v0 = s0[ch], v1 = s1[ch], v2 = s2[ch], v3 = s3[ch], v4 = s4[ch], v5 = s5[ch], v6 = s6[ch],
+                  v7 = s7[ch];
           if constexpr (GOFF) {
-            gq[0] += wd[c] * dot;
-            gq[1] += wh[c] * dot;
-            gq[2] += ww[c] * dot;
+            t0 += v0 * gv;
+            t1 += v1 * gv;
+            t2 += v2 * gv;
+            t3 += v3 * gv;
+            t4 += v4 * gv;
+            t5 += v5 * gv;
+            t6 += v6 * gv;
+            t7 += v7 * gv;
+          }
+          if constexpr (VAL) {
+            T acc = w[0] * v0;
+            acc += w[1] * v1;
+            acc += w[2] * v2;
+            acc += w[3] * v3;
+            acc += w[4] * v4;
+            acc += w[5] * v5;
+            acc += w[6] * v6;
+            acc += w[7] * v7;
+            val[ch] = acc;
+          }
+          if constexpr (GX) {
+            d0[ch] += wm[0] * gv;
+            d1[ch] += wm[1] * gv;
+            d2[ch] += wm[2] * gv;
+            d3[ch] += wm[3] * gv;
+            d4[ch] += wm[4] * gv;
+            d5[ch] += wm[5] * gv;
+            d6[ch] += wm[6] * gv;
+            d7[ch] += wm[7] * gv;
           }
         }
+        if constexpr (GOFF) {
+          const T dot[8] = {t0, t1, t2, t3, t4, t5, t6, t7};
+          for (int c = 0; c < 8; ++c) {
+            gq[0] += cr.wd[c] * dot[c];
+            gq[1] += cr.wh[c] * dot[c];
+            gq[2] += cr.ww[c] * dot[c];
+          }
+        }
+      } else if (VAL) {
+        std::fill(val, val + cg, T(0));
       }
       if (goff != nullptr) {
         T* go = goff + Geometry::index5(g.gos, b, gr, k, s);
@@ -231,12 +308,12 @@ inline void backward_voxel(const Geometry& g, const T* xb, const T* off, const T
       }
       if (gmask != nullptr) {
         T dot = T(0);
-        for (int64_t ch = 0; ch < g.Cg; ++ch) dot += val[ch] * gc[ch];
+        for (int64_t ch = 0; ch < cg; ++ch) dot += val[ch] * gc[ch];
         gmask[Geometry::index4(g.gms, b, gr, k, s)] = dot;
       }
       if (cols != nullptr) {
         T* dst = cols + e;
-        for (int64_t ch = 0; ch < g.Cg; ++ch) dst[ch] = val[ch] * m;
+        for (int64_t ch = 0; ch < cg; ++ch) dst[ch] = val[ch] * m;
       }
     }
   }
@@ -302,17 +379,14 @@ void backward_kernel(const Geometry& g, const T* x, const T* off, const T* mask,
   {
     const int tid = omp_get_thread_num();
     T* gxb = nullptr;
-    std::vector<T> val;
-    trap.run([&] {
-      gxb = pg.mine(tid);
-      val.resize(g.Cg);
-    });
+    Scratch<T> sc(g.Cg);
+    trap.run([&] { gxb = pg.mine(tid); });
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < n; ++i) {
       trap.run([&] {
         const int64_t e = i * g.K * g.C;
         backward_voxel<T, GX, GOFF, VAL>(g, xb, off, mask, gcols + e, b, s0 + i,
-                                         cols == nullptr ? nullptr : cols + e, gxb, goff, gmask, val.data());
+                                         cols == nullptr ? nullptr : cols + e, gxb, goff, gmask, sc);
       });
     }
 #pragma omp barrier
@@ -335,13 +409,14 @@ void fused_forward_kernel(const Geometry& g, const T* x, const T* off, const T* 
   {
     at::NoGradGuard no_grad;  // grad mode is per thread: the workers' products must not see autograd either
     std::vector<T> buf;
+    Scratch<T> sc(g.Cg);
     trap.run([&] { buf.resize(block * KC); });
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < total; ++t) {
       trap.run([&] {
         const int64_t b = t / per_item, s0 = (t % per_item) * block, n = std::min(g.S, s0 + block) - s0;
         const T* xb = x + b * rows * g.C;
-        for (int64_t i = 0; i < n; ++i) sample_voxel<T>(g, xb, off, mask, b, s0 + i, buf.data() + i * KC);
+        for (int64_t i = 0; i < n; ++i) sample_voxel<T>(g, xb, off, mask, b, s0 + i, buf.data() + i * KC, sc);
         at::Tensor cols = at::from_blob(buf.data(), {n, KC}, wm.options());
         at::Tensor rows_out = at::from_blob(out + (b * g.S + s0) * cout, {n, cout}, wm.options());
         at::mm_out(rows_out, cols, wm);
@@ -370,12 +445,12 @@ void fused_backward_kernel(const Geometry& g, const T* x, const T* off, const T*
     at::NoGradGuard no_grad;  // grad mode is per thread: the workers' products must not see autograd either
     const int tid = omp_get_thread_num();
     T* gxp = nullptr;
-    std::vector<T> gbuf, cbuf, val;
+    std::vector<T> gbuf, cbuf;
+    Scratch<T> sc(g.Cg);
     trap.run([&] {
       gxp = pg.mine(tid);
       gbuf.resize(block * KC);
       cbuf.resize(need_w ? block * KC : 0);
-      val.resize(g.Cg);
       if (need_w) gwm_private[tid] = at::zeros_like(gwm);
     });
 #pragma omp for schedule(static)
@@ -389,7 +464,7 @@ void fused_backward_kernel(const Geometry& g, const T* x, const T* off, const T*
         for (int64_t i = 0; i < n; ++i) {
           backward_voxel<T, GX, GOFF, VAL>(g, xb, off, mask, gbuf.data() + i * KC, b, s0 + i,
                                            need_w ? cbuf.data() + i * KC : nullptr,
-                                           GX ? gxp + b * rows * g.C : nullptr, goff, gmask, val.data());
+                                           GX ? gxp + b * rows * g.C : nullptr, goff, gmask, sc);
         }
         if (need_w) {
           at::Tensor cols = at::from_blob(cbuf.data(), {n, KC}, wm_t.options());
