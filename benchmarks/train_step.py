@@ -283,6 +283,9 @@ def main() -> None:
     parser.add_argument("--split", action="store_true",
                         help="also time the first form without the contrastive loss and the contrastive loss without "
                              "MultiCURE, and the projection heads alone: where the extra time goes")
+    parser.add_argument("--heads", action="store_true",
+                        help="also time the first form with the projection heads applied by the nets, alternating with "
+                             "the deferred heads (ProjectedFeatures): what deferring them buys, without the rest of --split")
     args = parser.parse_args()
     device = torch.device(args.device)
     channels_last = not args.no_channels_last
@@ -297,6 +300,8 @@ def main() -> None:
         first = args.forms[0]
         trainers[f"{first}-multicure-only"] = build(first, device, channels_last, args.multicure_level, False)
         trainers["contrastive-only"] = build(None, device, channels_last, contrastive=True)
+    if args.split or args.heads:
+        first = args.forms[0]
         trainers[f"{first}-projected"] = build(first, device, channels_last, args.multicure_level, deferred=False)
     if args.amp:
         for name in ["reference", *args.forms]:
@@ -354,13 +359,18 @@ def main() -> None:
                   f"{med[name + '+amp']['total'] / med[name]['total']:.2f}x (medians), "
                   f"{fastest[name + '+amp'] / fastest[name]:.2f}x (fastest steps: "
                   f"{fastest[name + '+amp']:.2f}s / {fastest[name]:.2f}s)")
+    if args.split or args.heads:
+        first = args.forms[0]
+        projected = med[f"{first}-projected"]["total"]
+        fast_projected = fastest[f"{first}-projected"]
+        print(f"{first} with the projection heads applied by the nets (no ProjectedFeatures): {projected:.3f}s, "
+              f"ratio {projected / ref:.2f}x (medians); deferring them saves {projected - med[first]['total']:.3f}s; "
+              f"deferred / applied {med[first]['total'] / projected:.3f}x (medians), "
+              f"{fastest[first] / fast_projected:.3f}x (fastest steps: {fastest[first]:.2f}s / {fast_projected:.2f}s)")
     if args.split:
         first = args.forms[0]
         extra = {k: med[k]["total"] - ref for k in (first, f"{first}-multicure-only", "contrastive-only")}
         heads = projection_heads(trainers[first], x, args.repeats)
-        projected = med[f"{first}-projected"]["total"]
-        print(f"{first} with the projection heads applied by the nets (no ProjectedFeatures): {projected:.3f}s, "
-              f"ratio {projected / ref:.2f}x (medians); deferring them saves {projected - med[first]['total']:.3f}s")
         print(f"split of the {first} step's extra time over the reference (medians): whole {extra[first]:.3f}s = "
               f"MultiCURE {extra[f'{first}-multicure-only']:.3f}s + contrastive path {extra['contrastive-only']:.3f}s "
               f"+ interaction {extra[first] - extra[f'{first}-multicure-only'] - extra['contrastive-only']:.3f}s")
