@@ -78,11 +78,6 @@ class _Timed(torch.nn.Module):
         self.elapsed = 0.0
         self.calls: list[tuple[tuple, dict]] = []
 
-    @property
-    def deferred_features(self) -> bool:
-        """Whether the wrapped network hands over its projection heads deferred (the trainer asks it)."""
-        return bool(getattr(self.inner, "deferred_features", False))
-
     def reset(self) -> None:
         self.elapsed = 0.0
         self.calls = []
@@ -118,8 +113,6 @@ def instrument(trainer: SemiSupervisedTrainer) -> dict[str, _Timed]:
 def _leaf(v: Any) -> Any:
     if isinstance(v, torch.Tensor):
         return v.detach().clone().requires_grad_(v.requires_grad)
-    if isinstance(v, tuple) and hasattr(v, "_fields"):  # a NamedTuple such as ProjectedFeatures
-        return type(v)(*(_leaf(e) for e in v))
     if isinstance(v, (list, tuple)):
         return type(v)(_leaf(e) for e in v)
     return v
@@ -178,34 +171,12 @@ def dense_conv_floor(trainer: SemiSupervisedTrainer, x: torch.Tensor, repeats: i
     return out
 
 
-def projection_heads(trainer: SemiSupervisedTrainer, x: torch.Tensor, repeats: int) -> dict[int, float]:
-    """Median forward + backward time of the projection heads of both nets run as convolutions, per level, summed.
-
-    The trainer does not run them (the nets hand the contrastive loss the map and the head, ``ProjectedFeatures``):
-    this is the time that deferring them replaces."""
-    out: dict[int, float] = {}
-    for timed_net in (trainer.network, trainer.aux_network):
-        net = timed_net.inner if isinstance(timed_net, _Timed) else timed_net
-        seen: list[torch.Tensor] = []
-        hooks = [p.register_forward_pre_hook(lambda _m, a: seen.append(a[0].detach())) for p in net.projections]
-        with torch.no_grad():
-            net(x, return_features=True)
-        for h in hooks:
-            h.remove()
-        for lvl, proj, inp in zip(net.feature_levels, net.projections, seen):
-            out[lvl] = out.get(lvl, 0.0) + _forward_backward_time(proj, inp.clone().requires_grad_(True), repeats)
-        for p in net.projections.parameters():
-            p.grad = None
-    return out
-
-
 def build(
     form: str | None,
     device: torch.device,
     channels_last: bool,
     multicure_level: int = 2,
     contrastive: bool | None = None,
-    deferred: bool = True,
     amp: bool = False,
 ) -> SemiSupervisedTrainer:
     """The trainer of the full method with MultiCURE in ``form``; ``None``: no MultiCURE block.
@@ -213,7 +184,6 @@ def build(
     ``contrastive`` (default: whether ``form`` is given) adds the projection heads and the contrastive loss, so
     ``build(None, ...)`` is the plain two-network reference and ``build(form, ..., contrastive=False)`` /
     ``build(None, ..., contrastive=True)`` are the halves of the method that ``--split`` times.
-    ``deferred=False`` makes the nets apply their projection heads themselves (the path before ``ProjectedFeatures``).
     ``amp``: the trainer's autocast in the device's ``"auto"`` precision.
     """
     torch.manual_seed(0)
@@ -223,8 +193,6 @@ def build(
     net = VNet().to(device, memory_format=fmt)
     aux = ResNetVNet(multicure=full, multicure_level=multicure_level, multicure_kwargs={"form": form} if full else None)
     aux = aux.to(device, memory_format=fmt)
-    if not deferred:
-        net.deferred_features = aux.deferred_features = False
     return SemiSupervisedTrainer(
         device=device,
         max_epochs=1,
@@ -282,10 +250,7 @@ def main() -> None:
     parser.add_argument("--forms", nargs="+", default=list(MULTICURE_FORMS), choices=list(MULTICURE_FORMS))
     parser.add_argument("--split", action="store_true",
                         help="also time the first form without the contrastive loss and the contrastive loss without "
-                             "MultiCURE, and the projection heads alone: where the extra time goes")
-    parser.add_argument("--heads", action="store_true",
-                        help="also time the first form with the projection heads applied by the nets, alternating with "
-                             "the deferred heads (ProjectedFeatures): what deferring them buys, without the rest of --split")
+                             "MultiCURE: where the extra time goes")
     args = parser.parse_args()
     device = torch.device(args.device)
     channels_last = not args.no_channels_last
@@ -300,9 +265,6 @@ def main() -> None:
         first = args.forms[0]
         trainers[f"{first}-multicure-only"] = build(first, device, channels_last, args.multicure_level, False)
         trainers["contrastive-only"] = build(None, device, channels_last, contrastive=True)
-    if args.split or args.heads:
-        first = args.forms[0]
-        trainers[f"{first}-projected"] = build(first, device, channels_last, args.multicure_level, deferred=False)
     if args.amp:
         for name in ["reference", *args.forms]:
             form = None if name == "reference" else name
@@ -359,24 +321,12 @@ def main() -> None:
                   f"{med[name + '+amp']['total'] / med[name]['total']:.2f}x (medians), "
                   f"{fastest[name + '+amp'] / fastest[name]:.2f}x (fastest steps: "
                   f"{fastest[name + '+amp']:.2f}s / {fastest[name]:.2f}s)")
-    if args.split or args.heads:
-        first = args.forms[0]
-        projected = med[f"{first}-projected"]["total"]
-        fast_projected = fastest[f"{first}-projected"]
-        print(f"{first} with the projection heads applied by the nets (no ProjectedFeatures): {projected:.3f}s, "
-              f"ratio {projected / ref:.2f}x (medians); deferring them saves {projected - med[first]['total']:.3f}s; "
-              f"deferred / applied {med[first]['total'] / projected:.3f}x (medians), "
-              f"{fastest[first] / fast_projected:.3f}x (fastest steps: {fastest[first]:.2f}s / {fast_projected:.2f}s)")
     if args.split:
         first = args.forms[0]
         extra = {k: med[k]["total"] - ref for k in (first, f"{first}-multicure-only", "contrastive-only")}
-        heads = projection_heads(trainers[first], x, args.repeats)
         print(f"split of the {first} step's extra time over the reference (medians): whole {extra[first]:.3f}s = "
               f"MultiCURE {extra[f'{first}-multicure-only']:.3f}s + contrastive path {extra['contrastive-only']:.3f}s "
               f"+ interaction {extra[first] - extra[f'{first}-multicure-only'] - extra['contrastive-only']:.3f}s")
-        print("projection heads applied as 1x1x1 convolutions, forward+backward on their step inputs (both nets; "
-              "the trainer defers them into the contrastive loss): "
-              + "  ".join(f"level {lvl}={t:.3f}s" for lvl, t in heads.items()))
 
 
 if __name__ == "__main__":

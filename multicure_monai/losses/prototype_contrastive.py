@@ -42,9 +42,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from multicure_monai.losses.class_feature_sums import class_feature_sums
-from multicure_monai.networks.projected_features import ProjectedFeatures
-
 __all__ = ["PrototypeContrastiveLoss"]
 
 _DENOMINATORS = ("all", "negatives")
@@ -66,13 +63,31 @@ def _random_subset(indices: Tensor, cap: int | None) -> Tensor:
     return indices[perm]
 
 
-def _graph_zero(feat: Tensor | ProjectedFeatures) -> Tensor:
-    """A zero attached to the graph of the features (and of a deferred projection head's parameters); float32, so
-    that large half-precision features cannot overflow to ``inf * 0 = NaN``."""
-    if isinstance(feat, ProjectedFeatures):
-        parts = [feat.hidden, feat.weight] + ([] if feat.bias is None else [feat.bias])
-        return sum(p.float().mean() for p in parts) * 0.0
+def _graph_zero(feat: Tensor) -> Tensor:
+    """A zero attached to the graph of the features; float32, so that large half-precision features cannot
+    overflow to ``inf * 0 = NaN``."""
     return feat.float().mean() * 0.0
+
+
+def _class_feature_sums(feat: Tensor, cls: Tensor, num_slots: int, idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-slot sums of the L2-normalised features, and the rows ``idx`` with their inverse norms (float32 or wider).
+
+    Args:
+        feat: ``(B, E, *S)`` features; voxels in ``(B, *S)`` row-major order, as ``labels.flatten()``.
+        cls: ``(N,)`` slot per voxel in ``[0, num_slots]``; ``num_slots`` marks voxels left out.
+        num_slots: number of slots ``P``.
+        idx: ``(M,)`` voxel indices whose features are returned.
+
+    Returns:
+        ``sums`` ``(P, E)``, ``rows`` ``(M, E)`` (unnormalised) and ``inv_norm`` ``(M,)``. The sums are one matrix
+        product with the ``(N, P)`` one-hot weights ``1 / ||f_v||``, so no normalised copy of the features is made.
+    """
+    f = feat.movedim(1, -1).reshape(-1, feat.shape[1])
+    f = f.to(torch.promote_types(f.dtype, torch.float32))  # half precision features are summed in float32
+    inv = 1.0 / torch.linalg.vector_norm(f, dim=1).clamp_min(1e-12)  # as F.normalize
+    slots = torch.arange(num_slots, device=cls.device)
+    weights = (cls.unsqueeze(1) == slots).to(inv.dtype) * inv.unsqueeze(1)
+    return weights.t() @ f, f[idx], inv[idx]
 
 
 class PrototypeContrastiveLoss(nn.Module):
@@ -151,9 +166,7 @@ class PrototypeContrastiveLoss(nn.Module):
 
         Args:
             features: one ``(B, E, *S_l)`` tensor or a sequence of them (one per level); ``S_l`` may be smaller
-                than ``S``. A level may be given as
-                :class:`~multicure_monai.networks.projected_features.ProjectedFeatures` (a net's
-                ``return_features="deferred"``): the same loss, computed without writing the projected map.
+                than ``S``.
             labels: ``(B, 1, *S)`` integer class per voxel (ground truth / pseudo-label).
             reliable: ``(B, 1, *S)`` bool mask of voxels whose features build the prototypes.
             uncertain: ``(B, 1, *S)`` bool mask of voxels pulled to their class prototype.
@@ -165,7 +178,7 @@ class PrototypeContrastiveLoss(nn.Module):
         Raises:
             ValueError: on inconsistent shapes or a wrong number of ``level_weights``.
         """
-        feats = [features] if isinstance(features, (Tensor, ProjectedFeatures)) else list(features)
+        feats = [features] if isinstance(features, Tensor) else list(features)
         if not feats:
             raise ValueError("features must contain at least one level.")
         if self.level_weights is not None and len(self.level_weights) != len(feats):
@@ -242,12 +255,12 @@ class PrototypeContrastiveLoss(nn.Module):
             return None, stats
 
         # Prototypes (eq. 4): mean of the normalised reliable features per class, dense over the voxels (the
-        # reliable ones are most of the volume) without materialising normalised features; see class_feature_sums.
+        # reliable ones are most of the volume).
         device = lab.device
         present_cls = present.nonzero(as_tuple=False).squeeze(1)  # (P,)
         slot = torch.full((self.num_classes + 1,), num_protos, dtype=torch.long, device=device)
         slot[present_cls] = torch.arange(num_protos, device=device)  # class -> prototype index, P = none
-        sums, _, rows, inv_norm = class_feature_sums(feat, slot[rel_lab], num_protos, unc_idx)
+        sums, rows, inv_norm = _class_feature_sums(feat, slot[rel_lab], num_protos, unc_idx)
         protos = sums / counts[present_cls].unsqueeze(1).to(sums.dtype)  # (P, E)
         protos = F.normalize(protos, dim=1, eps=1e-8)  # cosine similarity is scale-free
 

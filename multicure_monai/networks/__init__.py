@@ -5,7 +5,6 @@ from __future__ import annotations
 from .deform_conv import DeformConv3d, DeformConv3dPack, deform_conv3d
 from .ensemble import DualNetworkEnsemble, EnsembleMembers
 from .multicure import MultiCURE
-from .projected_features import ProjectedFeatures
 from .resnet_vnet import ResNetVNet
 from .vnet import VNet
 
@@ -16,7 +15,6 @@ __all__ = [
     "DualNetworkEnsemble",
     "EnsembleMembers",
     "MultiCURE",
-    "ProjectedFeatures",
     "ResNetVNet",
     "VNet",
 ]

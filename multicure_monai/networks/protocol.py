@@ -10,18 +10,15 @@ implement it. :class:`SegmentationNetworkAdapter` lets any single-output MONAI s
 
 from __future__ import annotations
 
-from typing import Any, Protocol, Union, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn as nn
 
-from multicure_monai.networks.projected_features import ProjectedFeatures
-
 __all__ = ["Features", "SegmentationNetwork", "SegmentationNetworkAdapter", "network_forward"]
 
-#: What ``return_features`` hands over: one entry per decoder level, a projected map ``(B, E, h, w, d)``, or with
-#: ``return_features="deferred"`` a :class:`ProjectedFeatures` (the map and its head, not yet applied).
-Features = list[Union[torch.Tensor, ProjectedFeatures]]
+#: What ``return_features`` hands over: one projected map ``(B, E, h, w, d)`` per decoder level.
+Features = list[torch.Tensor]
 
 
 @runtime_checkable
@@ -34,29 +31,23 @@ class SegmentationNetwork(Protocol):
     * ``uncertainty``: binary map ``(B, 1, H, W, D)`` for a MultiCURE block, or ``None``; a net without a block
       ignores it;
     * ``return_features``: ``False`` returns logits ``(B, N, H, W, D)``; ``True`` returns ``(logits, features)``
-      with :data:`Features` of projected tensors; ``"deferred"`` (asked only of nets whose ``deferred_features`` is
-      true) returns the levels as :class:`ProjectedFeatures`. An empty list means the net has no features for the
-      contrastive loss.
+      with :data:`Features` of projected tensors. An empty list means the net has no features for the contrastive
+      loss.
     """
 
     def __call__(
-        self, x: torch.Tensor, uncertainty: torch.Tensor | None = None, return_features: bool | str = False
+        self, x: torch.Tensor, uncertainty: torch.Tensor | None = None, return_features: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, Features]: ...
 
 
 def network_forward(
     net: nn.Module, x: torch.Tensor, uncertainty: torch.Tensor | None = None, features: bool = False
 ) -> tuple[torch.Tensor, Features | None]:
-    """Call a :class:`SegmentationNetwork`: ``(logits, features or None)``.
-
-    Features are asked deferred of nets that declare ``deferred_features`` (through a ``DistributedDataParallel``
-    wrapper too), so the contrastive loss reads their decoder maps without writing the projected ones.
-    """
+    """Call a :class:`SegmentationNetwork`: ``(logits, features or None)``."""
     kwargs: dict[str, Any] = {} if uncertainty is None else {"uncertainty": uncertainty}
     if not features:
         return net(x, **kwargs), None
-    inner = net.module if isinstance(net, nn.parallel.DistributedDataParallel) else net
-    logits, feats = net(x, return_features="deferred" if getattr(inner, "deferred_features", False) else True, **kwargs)
+    logits, feats = net(x, return_features=True, **kwargs)
     return logits, list(feats)
 
 
@@ -71,14 +62,12 @@ class SegmentationNetworkAdapter(nn.Module):
     list, so the contrastive loss skips this net. State dict keys are ``network.*``.
     """
 
-    deferred_features = False
-
     def __init__(self, network: nn.Module) -> None:
         super().__init__()
         self.network = network
 
     def forward(
-        self, x: torch.Tensor, uncertainty: torch.Tensor | None = None, return_features: bool | str = False
+        self, x: torch.Tensor, uncertainty: torch.Tensor | None = None, return_features: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, Features]:
         """Logits ``(B, N, H, W, D)`` of the wrapped net; with ``return_features`` also ``[]``."""
         logits = self.network(x)

@@ -23,7 +23,6 @@ from monai.networks.layers.factories import Act, Conv, Dropout, Norm
 
 from multicure_monai.networks.multicure import MultiCURE, resize_uncertainty_map
 from multicure_monai.networks.padding import crop_to, level_size, pad_to_multiple
-from multicure_monai.networks.projected_features import ProjectedFeatures
 
 SCRIPT_UNSUPPORTED = (
     "these networks cannot be compiled with torch.jit.script (the deformable convolution is a custom autograd "
@@ -184,9 +183,6 @@ class VNetBase(nn.Module):
         pad_to_multiple: pad inputs whose size is not divisible by ``2 ** (len(channels) - 1)`` and crop back.
     """
 
-    #: ``forward(..., return_features="deferred")`` is understood (the trainer asks for it when this is true)
-    deferred_features: bool = True
-
     def __init__(
         self,
         spatial_dims: int,
@@ -244,8 +240,8 @@ class VNetBase(nn.Module):
         self,
         x: torch.Tensor,
         uncertainty: torch.Tensor | None = None,
-        return_features: bool | str = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]] | tuple[torch.Tensor, list[ProjectedFeatures]]:
+        return_features: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """Segment ``x``.
 
         Args:
@@ -253,10 +249,8 @@ class VNetBase(nn.Module):
             uncertainty: optional binary uncertainty map ``(B, 1, H_u, W_u, D_u)`` for the MultiCURE block; a map
                 at another resolution than ``x`` is taken to cover the same field of view and resized to
                 ``(H, W, D)`` first (max-pool / nearest). Ignored when the net has no MultiCURE block.
-            return_features: also return the projected decoder features; ``"deferred"`` returns each level as
-                :class:`ProjectedFeatures` (the padded decoder map, the crop's size and the projection head, not
-                yet applied), which :class:`~multicure_monai.losses.PrototypeContrastiveLoss` reads without
-                writing the projected map.
+            return_features: also return the projected decoder features (for
+                :class:`~multicure_monai.losses.PrototypeContrastiveLoss`).
 
         Returns:
             logits ``(B, out_channels, H, W, D)``; or, with ``return_features``, ``(logits, features)`` where
@@ -280,17 +274,9 @@ class VNetBase(nn.Module):
         logits = crop_to(self.out_conv(self.out_dropout(decoded[0])), spatial)
         if not return_features:
             return logits
-        if return_features not in (True, "deferred"):
-            raise ValueError(f"return_features must be False, True or 'deferred', got {return_features!r}.")
+        if return_features is not True:
+            raise ValueError(f"return_features must be False or True, got {return_features!r}.")
         sizes = [level_size(spatial, lvl) for lvl in self.feature_levels]
-        if return_features == "deferred":
-            # the padded maps with the crop's size (read in place by the loss); views, never the Parameters
-            # themselves: DistributedDataParallel (find_unused_parameters) finds the parameters a step uses by
-            # walking the outputs' graph, and a bare leaf in the outputs has none
-            return logits, [
-                ProjectedFeatures(decoded[lvl], p.weight.flatten(1), None if p.bias is None else p.bias.view(-1), s)
-                for lvl, p, s in zip(self.feature_levels, self.projections, sizes)
-            ]
         # crop, then project: the 1x1x1 projection commutes with the crop and runs on the kept voxels only
         levels = zip(self.feature_levels, self.projections, sizes)
         return logits, [proj(crop_to(decoded[lvl], s)) for lvl, proj, s in levels]

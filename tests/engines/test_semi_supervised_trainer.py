@@ -17,7 +17,6 @@ from multicure_monai.losses.prototype_contrastive import PrototypeContrastiveLos
 from multicure_monai.losses.pseudo_label import PseudoLabelLoss
 from multicure_monai.losses.xor_regularization import XORRegularizationLoss
 from multicure_monai.metrics.calibration import boundary_band
-from multicure_monai.networks.projected_features import ProjectedFeatures
 
 SIZE = 8
 LOSS_KEYS = ("loss", "loss_sup", "loss_pseudo", "loss_reg", "loss_contrastive")
@@ -44,19 +43,6 @@ class TinySegNet(nn.Module):
             h = h + uncertainty
         logits = self.head(h)
         return (logits, [self.proj(h)]) if return_features else logits
-
-
-class DeferringSegNet(TinySegNet):
-    """TinySegNet that, asked for ``return_features="deferred"``, hands over its projection head unapplied."""
-
-    deferred_features = True
-
-    def forward(self, x, uncertainty=None, return_features=False):
-        if return_features != "deferred":
-            return super().forward(x, uncertainty, return_features)
-        self.seen_deferred = True
-        h = torch.relu(self.body(x)) + (0 if uncertainty is None else uncertainty)
-        return self.head(h), [ProjectedFeatures(h, self.proj.weight.flatten(1), self.proj.bias.view(-1))]
 
 
 def _labelled(n: int = 4) -> list[dict]:
@@ -344,20 +330,6 @@ def test_predictive_net_gets_the_map_of_its_own_first_pass() -> None:
     assert set(second.unique().tolist()) <= {0.0, 1.0} and set(aux_map.unique().tolist()) <= {0.0, 1.0}
 
 
-def test_nets_that_declare_deferred_features_get_asked_for_them_with_the_same_losses() -> None:
-    """A net with ``deferred_features`` is called with ``return_features="deferred"``; the loss terms are the ones of
-    the same net applying its projection head itself (TinySegNet, asked with ``True``)."""
-    outputs = {}
-    for cls in (TinySegNet, DeferringSegNet):
-        trainer = _trainer(iterations=2, net_cls=cls)
-        torch.manual_seed(1)
-        trainer.run()
-        assert getattr(trainer.network, "seen_deferred", False) == (cls is DeferringSegNet)
-        outputs[cls] = trainer.state.output
-    for key in LOSS_KEYS:
-        torch.testing.assert_close(outputs[DeferringSegNet][key], outputs[TinySegNet][key], rtol=1e-5, atol=1e-6)
-
-
 @pytest.mark.parametrize("has_bf16, amp_dtype", [(True, "auto"), (True, "bfloat16"), (False, "auto"), (True, "float32")])
 def test_amp_on_cpu_runs_the_nets_in_bf16_and_the_losses_in_float32(monkeypatch, caplog, has_bf16, amp_dtype) -> None:
     from multicure_monai import precision
@@ -371,7 +343,7 @@ def test_amp_on_cpu_runs_the_nets_in_bf16_and_the_losses_in_float32(monkeypatch,
         return dice_ce(logits, labels)
 
     with caplog.at_level("INFO", logger="multicure_monai.precision"):
-        trainer = _trainer(iterations=2, net_cls=DeferringSegNet, amp=True, amp_kwargs={"dtype": amp_dtype},
+        trainer = _trainer(iterations=2, amp=True, amp_kwargs={"dtype": amp_dtype},
                            supervised_loss=loss_function)  # fmt: skip
     for net in (trainer.network, trainer.aux_network):
         net.head.register_forward_hook(lambda m, i, o: seen["net"].add(o.dtype))

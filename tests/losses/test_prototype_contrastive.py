@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from multicure_monai.losses.prototype_contrastive import PrototypeContrastiveLoss
-from multicure_monai.networks.projected_features import ProjectedFeatures
 
 TAU = 0.1
 
@@ -315,47 +314,3 @@ def test_learned_below_chance_on_a_separable_toy(levels: int) -> None:
     for _ in range(30):
         last, _ = step()
     assert last < 0.25 * chance < first
-
-
-@pytest.mark.parametrize("hidden_channels", [3, 8])  # narrower than the head (factored path) / not (projected first)
-@pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("denominator", ["all", "negatives"])
-def test_deferred_projection_equals_projected_features(
-    hidden_channels: int, bias: bool, channels_last: bool, denominator: str
-) -> None:
-    """A level handed over as ProjectedFeatures (map + head) gives the loss and the gradients of its projection."""
-    _, labels, reliable, uncertain, _ = _clustered(3, size=5, seed=3)
-    g = torch.Generator().manual_seed(7)
-    hidden = torch.relu(torch.randn(2, hidden_channels, 5, 5, 5, generator=g, dtype=torch.float64))
-    if channels_last:
-        hidden = hidden.contiguous(memory_format=torch.channels_last_3d)
-    weight = torch.randn(6, hidden_channels, generator=g, dtype=torch.float64)
-    b = torch.randn(6, generator=g, dtype=torch.float64) if bias else None
-    coarse = torch.randn(2, 6, 3, 3, 3, generator=g, dtype=torch.float64)  # a second, plain level
-    loss_fn = PrototypeContrastiveLoss(3, TAU, 20, separation_weight=0.7, denominator=denominator)
-    results = []
-    for deferred in (True, False):
-        leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, coarse) + ((b,) if bias else ())]
-        level0 = ProjectedFeatures(leaves[0], leaves[1], leaves[3] if bias else None)
-        torch.manual_seed(0)  # the same sampled uncertain voxels
-        loss = loss_fn([level0 if deferred else level0.materialize(), leaves[2]], labels, reliable, uncertain)
-        loss.backward()
-        results.append((loss, [t.grad for t in leaves]))
-    (got, got_grads), (want, want_grads) = results
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    for a, b_ in zip(got_grads, want_grads):
-        torch.testing.assert_close(a, b_, rtol=1e-10, atol=1e-12)
-
-
-def test_deferred_projection_single_level_and_degenerate_zero() -> None:
-    """One ProjectedFeatures is one level; with nothing to contrast the zero reaches the map and the head."""
-    hidden = torch.rand(1, 2, 4, 4, 4, requires_grad=True)
-    weight = torch.randn(5, 2, requires_grad=True)
-    bias = torch.randn(5, requires_grad=True)
-    labels = torch.zeros(1, 1, 4, 4, 4, dtype=torch.long)  # one class only: fewer than two prototypes
-    reliable = torch.ones_like(labels, dtype=torch.bool)
-    loss = PrototypeContrastiveLoss(2)(ProjectedFeatures(hidden, weight, bias), labels, reliable, ~reliable)
-    loss.backward()
-    assert float(loss) == 0.0
-    assert all(t.grad is not None and float(t.grad.abs().sum()) == 0.0 for t in (hidden, weight, bias))

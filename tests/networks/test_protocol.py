@@ -7,7 +7,6 @@ import torch
 from monai.networks.nets import UNet
 
 from multicure_monai.networks.ensemble import DualNetworkEnsemble, split_members
-from multicure_monai.networks.projected_features import ProjectedFeatures
 from multicure_monai.networks.protocol import SegmentationNetworkAdapter, network_forward
 from multicure_monai.networks.resnet_vnet import ResNetVNet
 from multicure_monai.networks.two_nets import forward_two_nets
@@ -41,14 +40,11 @@ def test_adapter_ignores_the_map_and_has_no_features(inner) -> None:
     assert feats == [] and network_forward(net, x, features=True)[1] == []
 
 
-def test_network_forward_asks_deferred_features_of_nets_that_declare_them() -> None:
+def test_network_forward_returns_one_projected_map_per_level() -> None:
     torch.manual_seed(0)
     net, x = VNet(features=4, feature_levels=(0, 1)).eval(), torch.randn(1, 1, 16, 16, 16)
     _, feats = network_forward(net, x, features=True)
-    assert all(isinstance(f, ProjectedFeatures) for f in feats)
-    net.deferred_features = False
-    _, feats = network_forward(net, x, features=True)
-    assert all(isinstance(f, torch.Tensor) for f in feats) and len(feats) == 2
+    assert [tuple(f.shape) for f in feats] == [(1, 32, 16, 16, 16), (1, 32, 8, 8, 8)]
 
 
 @pytest.mark.parametrize("predictive_uses_uncertainty", [False, True])
