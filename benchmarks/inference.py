@@ -29,7 +29,10 @@ stride 9x9x2) and the full-resolution one (la.yaml), the deployed ensemble next 
 
 ``--la`` also runs the peers' test loop (UA-MT / MCF ``test_single_case``, re-stated: one window at a time,
 contiguous float32, probabilities accumulated in a numpy float32 map) with the same nets and prints each model's
-fastest bundle time over it, with the labels' agreement (``--no-one-window-loop`` skips it).
+fastest bundle time over it, with the labels' agreement (``--no-one-window-loop`` skips it). The bundle's ensemble
+folds each BatchNorm into its convolution at inference (``DualNetworkEnsemble(fold_batch_norm=True)``, its
+default); the loop runs the nets as the peers do, unfolded; ``--models ensemble ensemble-unfolded`` times the
+folding itself, side by side.
 """
 
 from __future__ import annotations
@@ -80,14 +83,17 @@ def build(
     model: str = "ensemble",
     form: str = "authors",
     level: int = 2,
+    fold_batch_norm: bool = True,
 ) -> torch.nn.Module:
-    """The deployed ensemble (or its predictive V-Net alone) with random weights, in eval mode; the auxiliary net's
-    MultiCURE block in ``form`` at decoder ``level`` (the bundle's ``multicure#form`` / ``multicure#level``)."""
+    """The deployed ensemble with random weights, in eval mode (``model="predictive"``: weighted ``(1, 0)``, the
+    predictive net alone); the auxiliary net's MultiCURE block in ``form`` at decoder ``level`` (the bundle's
+    ``multicure#form`` / ``multicure#level``); ``fold_batch_norm`` as in the bundle (its default) unless it is
+    False or ``model`` ends in ``-unfolded``."""
     torch.manual_seed(seed)
     aux = ResNetVNet(multicure=True, multicure_level=level, multicure_kwargs={"form": form})
-    net: torch.nn.Module = DualNetworkEnsemble(VNet(), aux)
-    if model == "predictive":
-        net = net.predictive
+    weights = (1.0, 0.0) if model.startswith("predictive") else (0.5, 0.5)
+    fold = fold_batch_norm and not model.endswith("-unfolded")
+    net = DualNetworkEnsemble(VNet(), aux, weights=weights, fold_batch_norm=fold)
     fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
     return net.to(device, memory_format=fmt).eval()
 
@@ -147,12 +153,13 @@ def one_window_loop(image: torch.Tensor, net: torch.nn.Module, roi: Sequence[int
 
 def _peer_comparison(device: torch.device, geometries: Sequence, models: Sequence[str], best_rows: Sequence,
                      form: str, level: int, repeats: int) -> None:  # fmt: skip
-    """Time :func:`one_window_loop` with contiguous float32 nets and print the bundle's ratio to it."""
+    """Time :func:`one_window_loop` with contiguous float32 nets as the peers run them (no BatchNorm folding) and
+    print the bundle's ratio to it."""
     for (shape, roi, stride), rows in zip(geometries, best_rows):
         torch.manual_seed(1)
         image = torch.randn(1, 1, *shape, device=device)
         for model in models:
-            net = build(device, False, model=model, form=form, level=level)
+            net = build(device, False, model=model, form=form, level=level, fold_batch_norm=False)
             times = []
             for _ in range(repeats):
                 _sync(device)
@@ -180,7 +187,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--roi", type=int, nargs=3, help="window size")
     p.add_argument("--stride", type=int, nargs=3, help="window stride")
     p.add_argument("--sw-batch-sizes", type=int, nargs="+", help="windows per call (default 1 4 8; --la: the bundle's)")
-    p.add_argument("--models", nargs="+", choices=["ensemble", "predictive"], help="default: ensemble (--la: both)")
+    p.add_argument("--models", nargs="+", choices=["ensemble", "predictive", "ensemble-unfolded", "predictive-unfolded"],
+                   help="default: ensemble (--la: ensemble, predictive); -unfolded: without BatchNorm folding")
     p.add_argument("--amp", action="store_true", help="also bf16 / fp16 autocast (CUDA), bf16 (CPU with bf16)")
     p.add_argument("--no-channels-last-compare", action="store_true", help="only channels_last_3d")
     p.add_argument("--channels-last-compare", action="store_true", help="with --la: both memory formats")
@@ -230,9 +238,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             t, bs, fmt_name, amp_name, windows = min(r[:4] + (r[6],) for r in rows if r[5] == model)
             print(f"fastest {model} on {geometry}: sw_batch_size={bs}, {fmt_name}, amp={amp_name} "
                   f"({t:.2f} s, {windows / t:.2f} windows/s, best of {args.repeats})")
-        if len(models) == 2:
-            fastest = {m: min(r[0] for r in rows if r[5] == m) for m in models}
-            print(f"ensemble / predictive alone on {geometry}: {fastest['ensemble'] / fastest['predictive']:.2f}x time")
+        fastest = {m: min(r[0] for r in rows if r[5] == m) for m in models}
+        for a, b in (("ensemble", "predictive"), ("ensemble", "ensemble-unfolded"), ("predictive", "predictive-unfolded")):
+            if a in fastest and b in fastest:
+                print(f"{a} / {b} on {geometry}: {fastest[a] / fastest[b]:.2f}x time")
     if args.la and not args.no_one_window_loop:
         _peer_comparison(device, geometries, models, best_rows, form, level, args.repeats)
 

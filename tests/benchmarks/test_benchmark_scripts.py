@@ -28,8 +28,9 @@ CASES = [
       "--sw-batch-sizes", "1", "2", "--repeats", "1", "--device", "cpu", "--threads", "1", "--amp"],
      ["fastest ensemble on", "fg Dice"]),
     (["benchmarks/inference.py", "--la", "--shape", "20", "18", "16", "--roi", "16", "16", "16", "--stride", "4", "2",
-      "16", "--repeats", "1", "--device", "cpu", "--threads", "1"],
-     ["fastest predictive on", "ensemble / predictive alone on", "one-window loop", "the loop; labels equal on",
+      "16", "--repeats", "1", "--device", "cpu", "--threads", "1", "--models", "ensemble", "predictive",
+      "ensemble-unfolded"],
+     ["fastest predictive on", "ensemble / predictive on", "ensemble / ensemble-unfolded on", "one-window loop", "the loop; labels equal on",
       "fastest float32"]),
 ]
 
