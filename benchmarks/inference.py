@@ -187,7 +187,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--roi", type=int, nargs=3, help="window size")
     p.add_argument("--stride", type=int, nargs=3, help="window stride")
     p.add_argument("--sw-batch-sizes", type=int, nargs="+", help="windows per call (default 1 4 8; --la: the bundle's)")
-    p.add_argument("--models", nargs="+", choices=["ensemble", "predictive", "ensemble-unfolded", "predictive-unfolded"],
+    model_names = ["ensemble", "predictive", "ensemble-unfolded", "predictive-unfolded"]
+    p.add_argument("--models", nargs="+", choices=model_names,
                    help="default: ensemble (--la: ensemble, predictive); -unfolded: without BatchNorm folding")
     p.add_argument("--amp", action="store_true", help="also bf16 / fp16 autocast (CUDA), bf16 (CPU with bf16)")
     p.add_argument("--no-channels-last-compare", action="store_true", help="only channels_last_3d")
@@ -239,7 +240,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"fastest {model} on {geometry}: sw_batch_size={bs}, {fmt_name}, amp={amp_name} "
                   f"({t:.2f} s, {windows / t:.2f} windows/s, best of {args.repeats})")
         fastest = {m: min(r[0] for r in rows if r[5] == m) for m in models}
-        for a, b in (("ensemble", "predictive"), ("ensemble", "ensemble-unfolded"), ("predictive", "predictive-unfolded")):
+        pairs = (("ensemble", "predictive"), ("ensemble", "ensemble-unfolded"), ("predictive", "predictive-unfolded"))
+        for a, b in pairs:
             if a in fastest and b in fastest:
                 print(f"{a} / {b} on {geometry}: {fastest[a] / fastest[b]:.2f}x time")
     if args.la and not args.no_one_window_loop:

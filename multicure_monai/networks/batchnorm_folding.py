@@ -110,8 +110,9 @@ class FoldedCopy:
 
     :meth:`get` returns the module itself when folding would change what it computes or cannot be tracked: with
     gradients enabled, while tracing or compiling, when any of its submodules is in training mode (BatchNorm
-    statistics, dropout), when its tensors are inference tensors, and when it has nothing to fold. The copy is rebuilt when the module changes
-    (:func:`_state_key`) and is not pickled (a deep copy of the owner starts with an empty cache).
+    statistics, dropout), when its tensors are inference tensors, and when it has nothing to fold. The copy is
+    rebuilt when the module changes (:func:`_state_key`) and is not pickled (a deep copy of the owner starts with an
+    empty cache).
     """
 
     def __init__(self) -> None:
