@@ -45,6 +45,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from multicure_monai.cpu_memory import keep_freed_memory
 from multicure_monai.networks.ensemble import DualNetworkEnsemble
 from multicure_monai.networks.multicure import MULTICURE_FORMS
 from multicure_monai.networks.resnet_vnet import ResNetVNet
@@ -199,9 +200,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--multicure-form", default="authors", choices=list(MULTICURE_FORMS), help="the bundle's default")
     p.add_argument("--multicure-level", type=int, default=2, help="decoder level of the block (the bundle's: 2)")
     p.add_argument("--no-one-window-loop", action="store_true", help="with --la: skip the peers' one-window loop")
+    p.add_argument("--default-allocator", action="store_true",
+                   help="leave glibc's allocator as it is (the bundle keeps freed memory: cpu_memory.py)")
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
+    keep_freed_memory(not args.default_allocator)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.la and not args.shape:

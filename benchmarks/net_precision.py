@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from multicure_monai.cpu_memory import keep_freed_memory
 from multicure_monai.networks.resnet_vnet import ResNetVNet
 from multicure_monai.networks.vnet import VNet
 from multicure_monai.precision import autocast, resolve_amp_dtype
@@ -28,8 +29,11 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--default-allocator", action="store_true",
+                   help="leave glibc's allocator as it is (the bundle keeps freed memory: cpu_memory.py)")
     args = p.parse_args()
     device = torch.device(args.device)
+    keep_freed_memory(not args.default_allocator)
     dtype = resolve_amp_dtype(device, "auto")
     torch.manual_seed(0)
     fmt = torch.channels_last_3d

@@ -45,6 +45,7 @@ from typing import Any
 import torch
 from monai.losses import DiceCELoss
 
+from multicure_monai.cpu_memory import keep_freed_memory
 from multicure_monai.engines.loss_terms import method_loss_terms
 from multicure_monai.engines.semi_supervised_trainer import SemiSupervisedTrainer
 from multicure_monai.losses.prototype_contrastive import PrototypeContrastiveLoss
@@ -251,8 +252,11 @@ def main() -> None:
     parser.add_argument("--split", action="store_true",
                         help="also time the first form without the contrastive loss and the contrastive loss without "
                              "MultiCURE: where the extra time goes")
+    parser.add_argument("--default-allocator", action="store_true",
+                        help="leave glibc's allocator as it is (the bundle keeps freed memory: cpu_memory.py)")
     args = parser.parse_args()
     device = torch.device(args.device)
+    keep_freed_memory(not args.default_allocator)
     channels_last = not args.no_channels_last
     n_l, n = args.labelled, args.labelled + args.unlabelled
     g = torch.Generator().manual_seed(0)

@@ -32,11 +32,18 @@ CASES = [
       "ensemble-unfolded"],
      ["fastest predictive on", "ensemble / predictive on", "ensemble / ensemble-unfolded on", "one-window loop", "the loop; labels equal on",
       "fastest float32"]),
+    (["benchmarks/cpu_memory.py", "--roi", "16", "16", "16", "--batch", "2", "--repeats", "1", "--passes", "1",
+      "--no-step"],
+     ["V-Net fwd+bwd: default", "ResNet-VNet+MultiCURE fwd+bwd: default", "kept / default", "peak resident memory"]),
 ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("args, expected", CASES, ids=["deform_conv3d", "deform_conv3d_against", "train_step", "train_step_amp", "inference", "inference_la"])
+@pytest.mark.parametrize(
+    "args, expected", CASES,
+    ids=["deform_conv3d", "deform_conv3d_against", "train_step", "train_step_amp", "inference", "inference_la",
+         "cpu_memory"],
+)
 def test_benchmark_runs_and_reports(args: list[str], expected: list[str]) -> None:
     if "--against" in args and subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True).returncode:
         pytest.skip("not a git checkout: no other revision's kernels to build")
