@@ -10,7 +10,8 @@
 //    output voxel, never travel through main memory.
 // Parallel over output voxels with OpenMP, the runtime PyTorch itself uses. Both compute exactly the function
 // of the gather path: zero padding, a sample whose coordinate lies outside (-1, size) on any axis reads zero,
-// every corner outside the volume contributes zero.
+// every corner outside the volume contributes zero. Both sweep a block of output voxels kernel point by kernel
+// point, so that the trilinear set-up of a block's samples runs as one SIMD loop (BlockScratch::prepare).
 //
 // Layouts (all contiguous):
 //   x      (B, D, H, W, C)        input, channels last
@@ -38,6 +39,7 @@ struct Geometry {
   int64_t stride[3], padding[3];  // per axis (D, H, W)
   int64_t Ho, Wo, S;              // output height, width, number of voxels
   std::vector<int64_t> kdisp;     // (K, 3) displacement of every kernel point from the window origin
+  int64_t coff[8];                // element offset of trilinear corner (a, b, e) = 4a + 2b + e from corner 0
   // element strides of the offset view (B, G, K, 3, S), the mask view (B, G, K, S) and of their gradients
   int64_t os[5], ms[4], gos[5], gms[4];
   // element index of (b, gr, k, axis 0, s) / (b, gr, k, s) for strides st
@@ -84,6 +86,7 @@ Geometry make_geometry(const at::Tensor& x, const at::Tensor& offset, const c10:
       r /= ksize[a];
     }
   }
+  for (int c = 0; c < 8; ++c) g.coff[c] = (((c >> 2) * g.H + ((c >> 1) & 1)) * g.W + (c & 1)) * g.C;
   TORCH_CHECK(offset.size(0) == g.B && offset.size(3) == 3 && offset.size(4) == g.S, "offset shape mismatch");
   for (int a = 0; a < 5; ++a) g.os[a] = g.gos[a] = offset.stride(a);
   std::fill(g.ms, g.ms + 4, 0);
@@ -152,56 +155,120 @@ inline bool trilinear_corners(const Geometry& g, T qd, T qh, T qw, const T* xg, 
   return true;
 }
 
-// Window origin of output voxel s per axis; kernel point k samples at origin + kdisp[k] + offset.
-inline void window_origin(const Geometry& g, int64_t s, int64_t* o) {
-  const int64_t pos[3] = {s / (g.Ho * g.Wo), (s / g.Wo) % g.Ho, s % g.Wo};
-  for (int a = 0; a < 3; ++a) o[a] = pos[a] * g.stride[a] - g.padding[a];
-}
+// Output voxels per block of the chunk entry points (the fused ones take theirs from the caller).
+constexpr int64_t kSampleBlock = 64;
 
-// Per-thread scratch of the sweeps: a row of zeros (what a corner outside the volume reads), a row that absorbs
-// its input-gradient share, and the sampled values of one sample.
+// Per-thread scratch of the sweeps over a block of n output voxels. For one kernel point and offset group,
+// prepare() computes in one SIMD pass what every sample of the block needs: its coordinates and, when its 8
+// corners all lie inside the volume (the common case), the element index of corner 0 and the fractional parts, so
+// that corners() fills a sample's corners without a branch; a sample at the border, outside or NaN (base -1)
+// takes trilinear_corners. zeros / sink: what a corner outside the volume reads / where its gradient goes; val:
+// the sampled values of one sample.
 template <typename T>
-struct Scratch {
+struct BlockScratch {
   std::vector<T> zeros, sink, val;
-  explicit Scratch(int64_t cg) : zeros(cg, T(0)), sink(cg, T(0)), val(cg, T(0)) {}
+  std::vector<int64_t> org, base;  // (3, n) window origins per axis; (n) corner-0 index or -1
+  std::vector<T> q, t;             // (3, n) sample coordinates and their fractional parts
+  int64_t n = 0;
+
+  explicit BlockScratch(int64_t cg) : zeros(cg, T(0)), sink(cg, T(0)), val(cg, T(0)) {}
+
+  // Window origins of output voxels s0 .. s0 + n_ - 1; kernel point k samples at origin + kdisp[k] + offset.
+  void origins(const Geometry& g, int64_t s0, int64_t n_) {
+    n = n_;
+    org.resize(3 * n);
+    base.resize(n);
+    q.resize(3 * n);
+    t.resize(3 * n);
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t s = s0 + i, pos[3] = {s / (g.Ho * g.Wo), (s / g.Wo) % g.Ho, s % g.Wo};
+      for (int a = 0; a < 3; ++a) org[a * n + i] = pos[a] * g.stride[a] - g.padding[a];
+    }
+  }
+
+  // Kernel point k of the block, o: its offsets at the block's first voxel (axis stride os[3], voxel os[4]).
+  void prepare(const Geometry& g, const T* o, int64_t k) {
+    const int64_t *od = org.data(), *oh = od + n, *ow = oh + n, *kd = &g.kdisp[3 * k];
+    const int64_t so = g.os[4], sa = g.os[3], HWC = g.H * g.W * g.C, WC = g.W * g.C, C = g.C;
+    const T dm = T(g.D - 1), hm = T(g.H - 1), wm = T(g.W - 1);
+    T *qd = q.data(), *qh = qd + n, *qw = qh + n, *td = t.data(), *th = td + n, *tw = th + n;
+    int64_t* bs = base.data();
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const T a = T(od[i] + kd[0]) + o[i * so], b = T(oh[i] + kd[1]) + o[i * so + sa],
+              c = T(ow[i] + kd[2]) + o[i * so + 2 * sa];
+      const T fa = std::floor(a), fb = std::floor(b), fc = std::floor(c);
+      qd[i] = a;
+      qh[i] = b;
+      qw[i] = c;
+      td[i] = a - fa;
+      th[i] = b - fb;
+      tw[i] = c - fc;
+      const bool in = fa >= T(0) && fa < dm && fb >= T(0) && fb < hm && fc >= T(0) && fc < wm;
+      const T ia = in ? fa : T(0), ib = in ? fb : T(0), ic = in ? fc : T(0);  // no cast of an out-of-range value
+      bs[i] = in ? static_cast<int64_t>(ia) * HWC + static_cast<int64_t>(ib) * WC + static_cast<int64_t>(ic) * C
+                 : int64_t(-1);
+    }
+  }
+
+  // The corners of sample i of the prepared kernel point (see trilinear_corners; false: it reads zero).
+  template <bool DERIV>
+  inline bool corners(const Geometry& g, int64_t i, const T* xg, T* gxg, Corners<T>& cr) {
+    const int64_t b0 = base[i];
+    if (b0 < 0)
+      return trilinear_corners<T, DERIV>(g, q[i], q[n + i], q[2 * n + i], xg, gxg, zeros.data(), sink.data(), cr);
+    const T td = t[i], th = t[n + i], tw = t[2 * n + i];
+    const T ad[2] = {T(1) - td, td}, ah[2] = {T(1) - th, th}, aw[2] = {T(1) - tw, tw}, sgn[2] = {T(-1), T(1)};
+    for (int c = 0; c < 8; ++c) {
+      const int a = c >> 2, b = (c >> 1) & 1, e = c & 1;
+      cr.src[c] = xg + b0 + g.coff[c];
+      cr.dst[c] = gxg == nullptr ? sink.data() : gxg + b0 + g.coff[c];
+      cr.w[c] = ad[a] * ah[b] * aw[e];
+      if (DERIV) {
+        cr.wd[c] = sgn[a] * ah[b] * aw[e];
+        cr.wh[c] = ad[a] * sgn[b] * aw[e];
+        cr.ww[c] = ad[a] * ah[b] * sgn[e];
+      }
+    }
+    return true;
+  }
 };
 
-// Sampled (and modulated) columns (K, C) of output voxel s of batch item b, written to dst: one pass over the
-// channels per sample, all 8 corners at once.
+// Sampled (and modulated) columns (n, K, C) of output voxels first .. first + n - 1 of batch item b, written to dst:
+// kernel point by kernel point, one pass over the channels per sample for all 8 corners.
 template <typename T>
-inline void sample_voxel(const Geometry& g, const T* xb, const T* off, const T* mask, int64_t b, int64_t s, T* dst,
-                         Scratch<T>& sc) {
+inline void sample_block(const Geometry& g, const T* xb, const T* off, const T* mask, int64_t b, int64_t first,
+                         int64_t n, T* dst, BlockScratch<T>& sc) {
   Corners<T> cr;
-  int64_t o3[3];
-  window_origin(g, s, o3);
-  const int64_t cg = g.Cg;
+  const int64_t cg = g.Cg, KC = g.K * g.C;
+  sc.origins(g, first, n);
   for (int64_t k = 0; k < g.K; ++k) {
-    const int64_t* kd = &g.kdisp[3 * k];
-    const int64_t p[3] = {o3[0] + kd[0], o3[1] + kd[1], o3[2] + kd[2]};
     for (int64_t gr = 0; gr < g.G; ++gr) {
-      T* d = dst + k * g.C + gr * cg;
-      const T* o = off + Geometry::index5(g.os, b, gr, k, s);
-      if (!trilinear_corners<T, false>(g, T(p[0]) + o[0], T(p[1]) + o[g.os[3]], T(p[2]) + o[2 * g.os[3]],
-                                       xb + gr * cg, nullptr, sc.zeros.data(), sc.sink.data(), cr)) {
-        std::fill(d, d + cg, T(0));
-        continue;
-      }
-      const T m = mask == nullptr ? T(1) : mask[Geometry::index4(g.ms, b, gr, k, s)];
-      T w[8];
-      for (int c = 0; c < 8; ++c) w[c] = cr.w[c] * m;
-      const T *s0 = cr.src[0], *s1 = cr.src[1], *s2 = cr.src[2], *s3 = cr.src[3];
-      const T *s4 = cr.src[4], *s5 = cr.src[5], *s6 = cr.src[6], *s7 = cr.src[7];
+      sc.prepare(g, off + Geometry::index5(g.os, b, gr, k, first), k);
+      const T* mk = mask == nullptr ? nullptr : mask + Geometry::index4(g.ms, b, gr, k, first);
+      for (int64_t i = 0; i < n; ++i) {
+        T* d = dst + i * KC + k * g.C + gr * cg;
+        if (!sc.template corners<false>(g, i, xb + gr * cg, nullptr, cr)) {
+          std::fill(d, d + cg, T(0));
+          continue;
+        }
+        const T m = mk == nullptr ? T(1) : mk[i * g.ms[3]];
+        T w[8];
+        for (int c = 0; c < 8; ++c) w[c] = cr.w[c] * m;
+        const T *s0 = cr.src[0], *s1 = cr.src[1], *s2 = cr.src[2], *s3 = cr.src[3];
+        const T *s4 = cr.src[4], *s5 = cr.src[5], *s6 = cr.src[6], *s7 = cr.src[7];
 #pragma omp simd
-      for (int64_t ch = 0; ch < cg; ++ch) {
-        T acc = w[0] * s0[ch];
-        acc += w[1] * s1[ch];
-        acc += w[2] * s2[ch];
-        acc += w[3] * s3[ch];
-        acc += w[4] * s4[ch];
-        acc += w[5] * s5[ch];
-        acc += w[6] * s6[ch];
-        acc += w[7] * s7[ch];
-        d[ch] = acc;
+        for (int64_t ch = 0; ch < cg; ++ch) {
+          T acc = w[0] * s0[ch];
+          acc += w[1] * s1[ch];
+          acc += w[2] * s2[ch];
+          acc += w[3] * s3[ch];
+          acc += w[4] * s4[ch];
+          acc += w[5] * s5[ch];
+          acc += w[6] * s6[ch];
+          acc += w[7] * s7[ch];
+          d[ch] = acc;
+        }
       }
     }
   }
@@ -211,109 +278,112 @@ template <typename T>
 void columns_kernel(const Geometry& g, const T* x, const T* off, const T* mask, int64_t b, int64_t s0, int64_t s1,
                     T* cols) {
   const T* xb = x + b * g.D * g.H * g.W * g.C;
+  const int64_t blocks = (s1 - s0 + kSampleBlock - 1) / kSampleBlock;
 #pragma omp parallel
   {
-    Scratch<T> sc(g.Cg);
+    BlockScratch<T> sc(g.Cg);
 #pragma omp for schedule(static)
-    for (int64_t i = 0; i < s1 - s0; ++i) sample_voxel<T>(g, xb, off, mask, b, s0 + i, cols + i * g.K * g.C, sc);
+    for (int64_t j = 0; j < blocks; ++j) {
+      const int64_t a = s0 + j * kSampleBlock, n = std::min(s1, a + kSampleBlock) - a;
+      sample_block<T>(g, xb, off, mask, b, a, n, cols + (a - s0) * g.K * g.C, sc);
+    }
   }
 }
 
-// Backward of output voxel s of batch item b, given the gradient gc (K, C) of its columns. GX: accumulate the
-// input gradient into gxb (this batch item's rows); GOFF: write the offset gradient; VAL: compute the sampled
-// values (for the columns, written to cols (K, C) when not null, or for the mask gradient). One pass over the
-// channels per sample serves all 8 corners and all three.
+// Backward of output voxels first .. first + n - 1 of batch item b, given the gradient gcb (n, K, C) of their
+// columns. GX: accumulate the input gradient into gxb (this batch item's rows); GOFF: write the offset gradient; VAL:
+// compute the sampled values (for the columns, written to cols (n, K, C) when not null, or for the mask
+// gradient). Kernel point by kernel point; one pass over the channels per sample serves all 8 corners and all
+// three.
 template <typename T, bool GX, bool GOFF, bool VAL>
-inline void backward_voxel(const Geometry& g, const T* xb, const T* off, const T* mask, const T* gc_voxel, int64_t b,
-                           int64_t s, T* cols, T* gxb, T* goff, T* gmask, Scratch<T>& sc) {
+inline void backward_block(const Geometry& g, const T* xb, const T* off, const T* mask, const T* gcb, int64_t b,
+                           int64_t first, int64_t n, T* cols_b, T* gxb, T* goff, T* gmask, BlockScratch<T>& sc) {
   Corners<T> cr;
-  int64_t o3[3];
-  window_origin(g, s, o3);
-  const int64_t cg = g.Cg;
+  const int64_t cg = g.Cg, KC = g.K * g.C;
   T* val = sc.val.data();
+  sc.origins(g, first, n);
   for (int64_t k = 0; k < g.K; ++k) {
-    const int64_t* kd = &g.kdisp[3 * k];
-    const int64_t p[3] = {o3[0] + kd[0], o3[1] + kd[1], o3[2] + kd[2]};
     for (int64_t gr = 0; gr < g.G; ++gr) {
-      const int64_t e = k * g.C + gr * cg;
-      const T* gc = gc_voxel + e;
-      const T* o = off + Geometry::index5(g.os, b, gr, k, s);
-      const bool inside = trilinear_corners<T, GOFF>(g, T(p[0]) + o[0], T(p[1]) + o[g.os[3]],
-                                                     T(p[2]) + o[2 * g.os[3]], xb + gr * cg,
-                                                     GX ? gxb + gr * cg : nullptr, sc.zeros.data(), sc.sink.data(), cr);
-      const T m = mask == nullptr ? T(1) : mask[Geometry::index4(g.ms, b, gr, k, s)];
-      T gq[3] = {T(0), T(0), T(0)};
-      if (inside) {
-        const T *s0 = cr.src[0], *s1 = cr.src[1], *s2 = cr.src[2], *s3 = cr.src[3];
-        const T *s4 = cr.src[4], *s5 = cr.src[5], *s6 = cr.src[6], *s7 = cr.src[7];
-        T *d0 = cr.dst[0], *d1 = cr.dst[1], *d2 = cr.dst[2], *d3 = cr.dst[3];
-        T *d4 = cr.dst[4], *d5 = cr.dst[5], *d6 = cr.dst[6], *d7 = cr.dst[7];
-        T wm[8];
-        for (int c = 0; c < 8; ++c) wm[c] = cr.w[c] * m;
-        const T* w = cr.w;
-        T t0 = T(0), t1 = T(0), t2 = T(0), t3 = T(0), t4 = T(0), t5 = T(0), t6 = T(0), t7 = T(0);
-#pragma omp simd reduction(+ : t0, t1, t2, t3, t4, t5, t6, t7)
-        for (int64_t ch = 0; ch < cg; ++ch) {
-          const T gv = gc[ch];
-          const T v0 = s0[ch], v1 = s1[ch], v2 = s2[ch], v3 = s3[ch], v4 = s4[ch], v5 = s5[ch], v6 = s6[ch],
-                  v7 = s7[ch];
+      sc.prepare(g, off + Geometry::index5(g.os, b, gr, k, first), k);
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t s = first + i, e = k * g.C + gr * cg;
+        const T* gc = gcb + i * KC + e;
+        T* cols = cols_b == nullptr ? nullptr : cols_b + i * KC;
+        const bool inside = sc.template corners<GOFF>(g, i, xb + gr * cg, GX ? gxb + gr * cg : nullptr, cr);
+        const T m = mask == nullptr ? T(1) : mask[Geometry::index4(g.ms, b, gr, k, s)];
+        T gq[3] = {T(0), T(0), T(0)};
+        if (inside) {
+          const T *s0 = cr.src[0], *s1 = cr.src[1], *s2 = cr.src[2], *s3 = cr.src[3];
+          const T *s4 = cr.src[4], *s5 = cr.src[5], *s6 = cr.src[6], *s7 = cr.src[7];
+          T *d0 = cr.dst[0], *d1 = cr.dst[1], *d2 = cr.dst[2], *d3 = cr.dst[3];
+          T *d4 = cr.dst[4], *d5 = cr.dst[5], *d6 = cr.dst[6], *d7 = cr.dst[7];
+          T wm[8];
+          for (int c = 0; c < 8; ++c) wm[c] = cr.w[c] * m;
+          const T* w = cr.w;
+          T t0 = T(0), t1 = T(0), t2 = T(0), t3 = T(0), t4 = T(0), t5 = T(0), t6 = T(0), t7 = T(0);
+  #pragma omp simd reduction(+ : t0, t1, t2, t3, t4, t5, t6, t7)
+          for (int64_t ch = 0; ch < cg; ++ch) {
+            const T gv = gc[ch];
+            const T v0 = s0[ch], v1 = s1[ch], v2 = s2[ch], v3 = s3[ch], v4 = s4[ch], v5 = s5[ch], v6 = s6[ch],
+                    v7 = s7[ch];
+            if constexpr (GOFF) {
+              t0 += v0 * gv;
+              t1 += v1 * gv;
+              t2 += v2 * gv;
+              t3 += v3 * gv;
+              t4 += v4 * gv;
+              t5 += v5 * gv;
+              t6 += v6 * gv;
+              t7 += v7 * gv;
+            }
+            if constexpr (VAL) {
+              T acc = w[0] * v0;
+              acc += w[1] * v1;
+              acc += w[2] * v2;
+              acc += w[3] * v3;
+              acc += w[4] * v4;
+              acc += w[5] * v5;
+              acc += w[6] * v6;
+              acc += w[7] * v7;
+              val[ch] = acc;
+            }
+            if constexpr (GX) {
+              d0[ch] += wm[0] * gv;
+              d1[ch] += wm[1] * gv;
+              d2[ch] += wm[2] * gv;
+              d3[ch] += wm[3] * gv;
+              d4[ch] += wm[4] * gv;
+              d5[ch] += wm[5] * gv;
+              d6[ch] += wm[6] * gv;
+              d7[ch] += wm[7] * gv;
+            }
+          }
           if constexpr (GOFF) {
-            t0 += v0 * gv;
-            t1 += v1 * gv;
-            t2 += v2 * gv;
-            t3 += v3 * gv;
-            t4 += v4 * gv;
-            t5 += v5 * gv;
-            t6 += v6 * gv;
-            t7 += v7 * gv;
+            const T dot[8] = {t0, t1, t2, t3, t4, t5, t6, t7};
+            for (int c = 0; c < 8; ++c) {
+              gq[0] += cr.wd[c] * dot[c];
+              gq[1] += cr.wh[c] * dot[c];
+              gq[2] += cr.ww[c] * dot[c];
+            }
           }
-          if constexpr (VAL) {
-            T acc = w[0] * v0;
-            acc += w[1] * v1;
-            acc += w[2] * v2;
-            acc += w[3] * v3;
-            acc += w[4] * v4;
-            acc += w[5] * v5;
-            acc += w[6] * v6;
-            acc += w[7] * v7;
-            val[ch] = acc;
-          }
-          if constexpr (GX) {
-            d0[ch] += wm[0] * gv;
-            d1[ch] += wm[1] * gv;
-            d2[ch] += wm[2] * gv;
-            d3[ch] += wm[3] * gv;
-            d4[ch] += wm[4] * gv;
-            d5[ch] += wm[5] * gv;
-            d6[ch] += wm[6] * gv;
-            d7[ch] += wm[7] * gv;
-          }
+        } else if (VAL) {
+          std::fill(val, val + cg, T(0));
         }
-        if constexpr (GOFF) {
-          const T dot[8] = {t0, t1, t2, t3, t4, t5, t6, t7};
-          for (int c = 0; c < 8; ++c) {
-            gq[0] += cr.wd[c] * dot[c];
-            gq[1] += cr.wh[c] * dot[c];
-            gq[2] += cr.ww[c] * dot[c];
-          }
+        if (goff != nullptr) {
+          T* go = goff + Geometry::index5(g.gos, b, gr, k, s);
+          go[0] = gq[0] * m;
+          go[g.gos[3]] = gq[1] * m;
+          go[2 * g.gos[3]] = gq[2] * m;
         }
-      } else if (VAL) {
-        std::fill(val, val + cg, T(0));
-      }
-      if (goff != nullptr) {
-        T* go = goff + Geometry::index5(g.gos, b, gr, k, s);
-        go[0] = gq[0] * m;
-        go[g.gos[3]] = gq[1] * m;
-        go[2 * g.gos[3]] = gq[2] * m;
-      }
-      if (gmask != nullptr) {
-        T dot = T(0);
-        for (int64_t ch = 0; ch < cg; ++ch) dot += val[ch] * gc[ch];
-        gmask[Geometry::index4(g.gms, b, gr, k, s)] = dot;
-      }
-      if (cols != nullptr) {
-        T* dst = cols + e;
-        for (int64_t ch = 0; ch < cg; ++ch) dst[ch] = val[ch] * m;
+        if (gmask != nullptr) {
+          T dot = T(0);
+          for (int64_t ch = 0; ch < cg; ++ch) dot += val[ch] * gc[ch];
+          gmask[Geometry::index4(g.gms, b, gr, k, s)] = dot;
+        }
+        if (cols != nullptr) {
+          T* dst = cols + e;
+          for (int64_t ch = 0; ch < cg; ++ch) dst[ch] = val[ch] * m;
+        }
       }
     }
   }
@@ -372,20 +442,21 @@ void backward_kernel(const Geometry& g, const T* x, const T* off, const T* mask,
   const int64_t n = s1 - s0;
   const int64_t rows = g.D * g.H * g.W;
   const T* xb = x + b * rows * g.C;
-  const int nt = std::max(1, std::min<int>(omp_get_max_threads(), static_cast<int>(n)));
+  const int64_t blocks = (n + kSampleBlock - 1) / kSampleBlock;
+  const int nt = std::max(1, std::min<int>(omp_get_max_threads(), static_cast<int>(blocks)));
   PrivateGrad<T> pg(gx == nullptr ? nullptr : gx + b * rows * g.C, rows * g.C, nt);
   ErrorTrap trap;
 #pragma omp parallel num_threads(nt)
   {
     const int tid = omp_get_thread_num();
     T* gxb = nullptr;
-    Scratch<T> sc(g.Cg);
+    BlockScratch<T> sc(g.Cg);
     trap.run([&] { gxb = pg.mine(tid); });
 #pragma omp for schedule(static)
-    for (int64_t i = 0; i < n; ++i) {
+    for (int64_t j = 0; j < blocks; ++j) {
       trap.run([&] {
-        const int64_t e = i * g.K * g.C;
-        backward_voxel<T, GX, GOFF, VAL>(g, xb, off, mask, gcols + e, b, s0 + i,
+        const int64_t a = j * kSampleBlock, m = std::min(n, a + kSampleBlock) - a, e = a * g.K * g.C;
+        backward_block<T, GX, GOFF, VAL>(g, xb, off, mask, gcols + e, b, s0 + a, m,
                                          cols == nullptr ? nullptr : cols + e, gxb, goff, gmask, sc);
       });
     }
@@ -409,14 +480,14 @@ void fused_forward_kernel(const Geometry& g, const T* x, const T* off, const T* 
   {
     at::NoGradGuard no_grad;  // grad mode is per thread: the workers' products must not see autograd either
     std::vector<T> buf;
-    Scratch<T> sc(g.Cg);
+    BlockScratch<T> sc(g.Cg);
     trap.run([&] { buf.resize(block * KC); });
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < total; ++t) {
       trap.run([&] {
         const int64_t b = t / per_item, s0 = (t % per_item) * block, n = std::min(g.S, s0 + block) - s0;
         const T* xb = x + b * rows * g.C;
-        for (int64_t i = 0; i < n; ++i) sample_voxel<T>(g, xb, off, mask, b, s0 + i, buf.data() + i * KC, sc);
+        sample_block<T>(g, xb, off, mask, b, s0, n, buf.data(), sc);
         at::Tensor cols = at::from_blob(buf.data(), {n, KC}, wm.options());
         at::Tensor rows_out = at::from_blob(out + (b * g.S + s0) * cout, {n, cout}, wm.options());
         at::mm_out(rows_out, cols, wm);
@@ -427,7 +498,7 @@ void fused_forward_kernel(const Geometry& g, const T* x, const T* off, const T* 
 }
 
 // Fused backward for one weight group, block by block: the columns' gradient gout_rows x wm^T, then the sweep
-// of backward_voxel (input / offset / mask gradients, recomputed columns), then the weight gradient
+// of backward_block (input / offset / mask gradients, recomputed columns), then the weight gradient
 // columns^T x gout_rows accumulated per thread. gwm (K*C, C_out) is undefined when not needed.
 template <typename T, bool GX, bool GOFF, bool VAL>
 void fused_backward_kernel(const Geometry& g, const T* x, const T* off, const T* mask, const at::Tensor& wm_t,
@@ -446,7 +517,7 @@ void fused_backward_kernel(const Geometry& g, const T* x, const T* off, const T*
     const int tid = omp_get_thread_num();
     T* gxp = nullptr;
     std::vector<T> gbuf, cbuf;
-    Scratch<T> sc(g.Cg);
+    BlockScratch<T> sc(g.Cg);
     trap.run([&] {
       gxp = pg.mine(tid);
       gbuf.resize(block * KC);
@@ -461,11 +532,8 @@ void fused_backward_kernel(const Geometry& g, const T* x, const T* off, const T*
         at::Tensor grows = at::from_blob(const_cast<T*>(gout) + (b * g.S + s0) * cout, {n, cout}, wm_t.options());
         at::Tensor gcols = at::from_blob(gbuf.data(), {n, KC}, wm_t.options());
         at::mm_out(gcols, grows, wm_t);
-        for (int64_t i = 0; i < n; ++i) {
-          backward_voxel<T, GX, GOFF, VAL>(g, xb, off, mask, gbuf.data() + i * KC, b, s0 + i,
-                                           need_w ? cbuf.data() + i * KC : nullptr,
-                                           GX ? gxp + b * rows * g.C : nullptr, goff, gmask, sc);
-        }
+        backward_block<T, GX, GOFF, VAL>(g, xb, off, mask, gbuf.data(), b, s0, n, need_w ? cbuf.data() : nullptr,
+                                         GX ? gxp + b * rows * g.C : nullptr, goff, gmask, sc);
         if (need_w) {
           at::Tensor cols = at::from_blob(cbuf.data(), {n, KC}, wm_t.options());
           gwm_private[tid].addmm_(cols.t(), grows);
