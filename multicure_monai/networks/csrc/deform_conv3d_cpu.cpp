@@ -111,9 +111,25 @@ struct Corners {
   T w[8], wd[8], wh[8], ww[8];
 };
 
-// Fills `cr` for the sample at (qd, qh, qw); returns false when the sample reads zero (outside (-1, size) on some
-// axis). xg / gxg: this batch item's rows offset to channel group gr (gxg null: no dst). A sample whose 8 corners
-// all lie inside (the common case) takes one bounds test.
+// Corner c = 4a + 2b + e of `cr`: its rows and its interpolation weight (and derivatives) from the per-axis
+// weights ad / ah / aw of the sample's fractional coordinates.
+template <typename T, bool DERIV>
+inline void set_corner(Corners<T>& cr, int c, const T* src, T* dst, const T* ad, const T* ah, const T* aw) {
+  const int a = c >> 2, b = (c >> 1) & 1, e = c & 1;
+  cr.src[c] = src;
+  cr.dst[c] = dst;
+  cr.w[c] = ad[a] * ah[b] * aw[e];
+  if (DERIV) {
+    const T sgn[2] = {T(-1), T(1)};
+    cr.wd[c] = sgn[a] * ah[b] * aw[e];
+    cr.wh[c] = ad[a] * sgn[b] * aw[e];
+    cr.ww[c] = ad[a] * ah[b] * sgn[e];
+  }
+}
+
+// Fills `cr` for a sample at (qd, qh, qw) with a corner outside the volume (BlockScratch::corners takes the others);
+// returns false when the sample reads zero (outside (-1, size) on some axis). xg / gxg: this batch item's rows
+// offset to channel group gr (gxg null: no dst).
 template <typename T, bool DERIV>
 inline bool trilinear_corners(const Geometry& g, T qd, T qh, T qw, const T* xg, T* gxg, const T* zeros, T* sink,
                               Corners<T>& cr) {
@@ -122,27 +138,18 @@ inline bool trilinear_corners(const Geometry& g, T qd, T qh, T qw, const T* xg, 
   const int64_t id = static_cast<int64_t>(fd), ih = static_cast<int64_t>(fh), iw = static_cast<int64_t>(fw);
   const T td = qd - fd, th = qh - fh, tw = qw - fw;
   const T ad[2] = {T(1) - td, td}, ah[2] = {T(1) - th, th}, aw[2] = {T(1) - tw, tw};
-  const T sgn[2] = {T(-1), T(1)};
-  const bool inside = id >= 0 && id + 1 < g.D && ih >= 0 && ih + 1 < g.H && iw >= 0 && iw + 1 < g.W;
   int c = 0;
   for (int a = 0; a < 2; ++a) {
     const int64_t d = id + a;
-    const bool vd = inside || (d >= 0 && d < g.D);
+    const bool vd = d >= 0 && d < g.D;
     for (int b = 0; b < 2; ++b) {
       const int64_t h = ih + b;
-      const bool vh = inside || (h >= 0 && h < g.H);
+      const bool vh = h >= 0 && h < g.H;
       for (int e = 0; e < 2; ++e, ++c) {
         const int64_t x = iw + e;
-        if (inside || (vd && vh && x >= 0 && x < g.W)) {
+        if (vd && vh && x >= 0 && x < g.W) {
           const int64_t r = ((d * g.H + h) * g.W + x) * g.C;
-          cr.src[c] = xg + r;
-          cr.dst[c] = gxg == nullptr ? sink : gxg + r;
-          cr.w[c] = ad[a] * ah[b] * aw[e];
-          if (DERIV) {
-            cr.wd[c] = sgn[a] * ah[b] * aw[e];
-            cr.wh[c] = ad[a] * sgn[b] * aw[e];
-            cr.ww[c] = ad[a] * ah[b] * sgn[e];
-          }
+          set_corner<T, DERIV>(cr, c, xg + r, gxg == nullptr ? sink : gxg + r, ad, ah, aw);
         } else {
           cr.src[c] = zeros;
           cr.dst[c] = sink;
@@ -218,18 +225,10 @@ struct BlockScratch {
     if (b0 < 0)
       return trilinear_corners<T, DERIV>(g, q[i], q[n + i], q[2 * n + i], xg, gxg, zeros.data(), sink.data(), cr);
     const T td = t[i], th = t[n + i], tw = t[2 * n + i];
-    const T ad[2] = {T(1) - td, td}, ah[2] = {T(1) - th, th}, aw[2] = {T(1) - tw, tw}, sgn[2] = {T(-1), T(1)};
-    for (int c = 0; c < 8; ++c) {
-      const int a = c >> 2, b = (c >> 1) & 1, e = c & 1;
-      cr.src[c] = xg + b0 + g.coff[c];
-      cr.dst[c] = gxg == nullptr ? sink.data() : gxg + b0 + g.coff[c];
-      cr.w[c] = ad[a] * ah[b] * aw[e];
-      if (DERIV) {
-        cr.wd[c] = sgn[a] * ah[b] * aw[e];
-        cr.wh[c] = ad[a] * sgn[b] * aw[e];
-        cr.ww[c] = ad[a] * ah[b] * sgn[e];
-      }
-    }
+    const T ad[2] = {T(1) - td, td}, ah[2] = {T(1) - th, th}, aw[2] = {T(1) - tw, tw};
+    for (int c = 0; c < 8; ++c)
+      set_corner<T, DERIV>(cr, c, xg + b0 + g.coff[c], gxg == nullptr ? sink.data() : gxg + b0 + g.coff[c], ad, ah,
+                           aw);
     return true;
   }
 };
