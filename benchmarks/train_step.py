@@ -4,7 +4,9 @@
 (:data:`multicure_monai.networks.multicure.MULTICURE_FORMS`: the paper's dense 3x3x3 / 5x5x5 branches, or the
 authors' grouped 3x3x3 / dilated 3x3x3 with the mixing convolution), supervised, pseudo-label, XOR and prototype
 contrastive losses, backward and SGD step — exactly what :class:`~multicure_monai.engines.SemiSupervisedTrainer`
-does per iteration (it calls the trainer's own ``_compute_losses``).
+does per iteration (it calls the trainer's own ``student_batch`` and ``_compute_losses``), with the library's default
+teacher and student view (the mutual teacher on BCP's copy-paste mix: the teachers' gradient-free pass on the clean
+unlabelled crops is timed in ``forward_and_losses``); ``--teacher predictive --student-view none`` times the paper's.
 ``reference``: the same two networks without MultiCURE and without the contrastive loss (a straightforward
 V-Net + ResNet-34 co-training step, supervised + pseudo-label + XOR losses).
 
@@ -29,6 +31,7 @@ Examples::
     python benchmarks/train_step.py --roi 112 112 80 --repeats 2      # the paper's geometry
     python benchmarks/train_step.py --no-channels-last                # measure what channels_last_3d buys
     python benchmarks/train_step.py --forms authors --amp             # + each variant under amp, side by side
+    python benchmarks/train_step.py --teacher predictive --student-view none   # the paper's teaching
 
 ``--amp`` adds each variant once more with the trainer's ``amp`` (``amp_dtype="auto"``: bfloat16 on a CPU with
 bf16, float16 on CUDA; float32 losses), alternated with the float32 steps in the same process, and prints the
@@ -179,13 +182,15 @@ def build(
     multicure_level: int = 2,
     contrastive: bool | None = None,
     amp: bool = False,
+    **scheme: Any,
 ) -> SemiSupervisedTrainer:
     """The trainer of the full method with MultiCURE in ``form``; ``None``: no MultiCURE block.
 
     ``contrastive`` (default: whether ``form`` is given) adds the projection heads and the contrastive loss, so
     ``build(None, ...)`` is the plain two-network reference and ``build(form, ..., contrastive=False)`` /
     ``build(None, ..., contrastive=True)`` are the halves of the method that ``--split`` times.
-    ``amp``: the trainer's autocast in the device's ``"auto"`` precision.
+    ``amp``: the trainer's autocast in the device's ``"auto"`` precision. ``scheme``: the trainer's ``teacher`` /
+    ``student_view`` when given (else the library's defaults).
     """
     torch.manual_seed(0)
     full = form is not None
@@ -213,6 +218,7 @@ def build(
         decollate=False,
         amp=amp,
         amp_kwargs={"dtype": "auto"},
+        **scheme,
     )
 
 
@@ -224,7 +230,8 @@ def one_step(trainer: SemiSupervisedTrainer, x: torch.Tensor, y: torch.Tensor, n
     _sync(device)
     t0 = time.perf_counter()
     trainer.optimizer.zero_grad(set_to_none=True)
-    terms, _ = trainer._compute_losses(x, y, n_l, weights)
+    batch, view_targets = trainer.student_batch(x[:n_l], y, x[n_l:])
+    terms, _ = trainer._compute_losses(batch, y, n_l, weights, view_targets)
     _sync(device)
     t1 = time.perf_counter()
     terms["loss"].backward()
@@ -254,8 +261,11 @@ def main() -> None:
                              "MultiCURE: where the extra time goes")
     parser.add_argument("--default-allocator", action="store_true",
                         help="leave glibc's allocator as it is (the bundle keeps freed memory: cpu_memory.py)")
+    parser.add_argument("--teacher", help="the trainer's teacher (default: the library's)")
+    parser.add_argument("--student-view", help="the trainer's student view by name (default: the library's)")
     args = parser.parse_args()
     device = torch.device(args.device)
+    scheme = {k: v for k, v in (("teacher", args.teacher), ("student_view", args.student_view)) if v is not None}
     keep_freed_memory(not args.default_allocator)
     channels_last = not args.no_channels_last
     n_l, n = args.labelled, args.labelled + args.unlabelled
@@ -263,16 +273,16 @@ def main() -> None:
     x = torch.randn(n, 1, *args.roi, generator=g).to(device)
     y = (torch.rand(args.labelled, 1, *args.roi, generator=g) > 0.7).float().to(device)
 
-    trainers = {"reference": build(None, device, channels_last)}
-    trainers.update({form: build(form, device, channels_last, args.multicure_level) for form in args.forms})
+    trainers = {"reference": build(None, device, channels_last, **scheme)}
+    trainers.update({form: build(form, device, channels_last, args.multicure_level, **scheme) for form in args.forms})
     if args.split:
         first = args.forms[0]
-        trainers[f"{first}-multicure-only"] = build(first, device, channels_last, args.multicure_level, False)
-        trainers["contrastive-only"] = build(None, device, channels_last, contrastive=True)
+        trainers[f"{first}-multicure-only"] = build(first, device, channels_last, args.multicure_level, False, **scheme)
+        trainers["contrastive-only"] = build(None, device, channels_last, contrastive=True, **scheme)
     if args.amp:
         for name in ["reference", *args.forms]:
             form = None if name == "reference" else name
-            trainers[f"{name}+amp"] = build(form, device, channels_last, args.multicure_level, amp=True)
+            trainers[f"{name}+amp"] = build(form, device, channels_last, args.multicure_level, amp=True, **scheme)
     timed = {name: instrument(trainer) for name, trainer in trainers.items()}
     results: dict[str, list[dict[str, float]]] = {k: [] for k in trainers}
     peaks: dict[str, float] = {}
@@ -297,7 +307,8 @@ def main() -> None:
 
     amp_dtype = str(trainers[f"{args.forms[0]}+amp"].amp_dtype).removeprefix("torch.") if args.amp else None
     print(f"device={device} roi={tuple(args.roi)} batch={n_l}+{args.unlabelled} channels_last={channels_last} "
-          f"amp={args.amp} ({amp_dtype or 'float32'}) multicure_level={args.multicure_level} threads={torch.get_num_threads()} repeats={args.repeats}")
+          f"amp={args.amp} ({amp_dtype or 'float32'}) multicure_level={args.multicure_level} threads={torch.get_num_threads()} repeats={args.repeats} "
+          f"teacher={trainers['reference'].teacher} student_view={type(trainers['reference'].student_view).__name__}")
     med: dict[str, dict[str, Any]] = {}
     unit = "MiB allocated" if device.type == "cuda" else "MiB peak RSS (cumulative)"
     for name, rows in results.items():

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-__version__ = "0.14.0"
+__version__ = "0.15.0"
 
 __all__ = ["__version__"]

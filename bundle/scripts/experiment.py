@@ -75,12 +75,12 @@ ARMS: dict[str, Any] = {
     # unlabelled crops in the batch, no unsupervised loss
     "bn_control": ["--unlabelled#lambda_u", "0", "--contrastive#lambda_c", "0"],
     # MCF-style two-net baseline: no MultiCURE, no contrastive loss, the better net of each iteration teaches
-    "mcf": ["--multicure#use", "False", "--contrastive#use", "False", _TEACHER, "better"],
-    "full": [],  # the full method, bundle defaults
+    "mcf": ["--multicure#use", "False", "--contrastive#use", "False", _TEACHER, "better", _VIEW, "none"],
+    "full": [],  # the full method, bundle defaults (since 0.15.0 the mutual teacher on the copy-paste view)
     "labelled": ["--contrastive#anchors", "labelled"],  # eq. 5 on the uncertain labelled voxels
     "level1": ["--multicure#level", "1"],  # the block on the half-resolution decoder stage (the paper's place)
     "paper": {"configs": ["bundle/configs/paper.yaml"], "args": []},  # the paper's reading of every switch
-    "mutual": [_TEACHER, "mutual"],  # CPS: each net's confident argmax trains the other
+    "mutual": [_TEACHER, "mutual", _VIEW, "none"],  # CPS: each net's confident argmax trains the other
     "perturb": [_TEACHER, "mutual", _VIEW, "perturb"],  # ... the students on a noisy, flipped view
     "cp": [_TEACHER, "mutual", _VIEW, "copy_paste"],  # ... on BCP's copy-paste mix
     "bcp": [_TEACHER, "ema", _VIEW, "copy_paste"],  # BCP: an EMA teacher and the copy-paste mix

@@ -14,17 +14,19 @@ One iteration (``L = L_s + lambda_u * L_u + lambda_c(t) * L_c``, eqs. 1-3 of the
     U = max_c P < tau                                    binary uncertainty map, fed to MultiCURE
     A = softmax(auxiliary(x, U))                         student probabilities
     L_s = DiceCE(P_l, y_l) + DiceCE(A_l, y_l)            trains both nets
-    L_u = PL(A_u, argmax P_u | conf > 0.7)               the teacher's students (by default the auxiliary net)
+    L_u = PL(A_u, argmax P_u | conf > 0.7)               the teacher's students (the paper: the auxiliary net)
           + lambda_reg * L1(A_u, P_u on argmax A_u XOR argmax P_u)
     L_c = prototype contrastive loss (eqs. 4-5) of each of ``contrastive_networks`` on its own decoder features:
           reliable voxels (conf > tau) build the class prototypes, anchors are pulled to theirs; a voxel's class
           is the ground truth on labelled images, the teacher's argmax elsewhere
 
-Which net teaches (``teacher``, :mod:`.teachers`): ``"predictive"`` (the paper), ``"better"`` (MCF: the net with the
-lower labelled ``L_s`` of the iteration), ``"ema"`` (a mean teacher of the predictive net trains both) or
-``"mutual"`` (CPS: each net trains the other). What the students see (``student_view``, :mod:`.student_views`): the
-teacher's crop (the paper), or a perturbed or copy-pasted view whose targets come from the teachers' pass on the
-clean crop. The uncertainty map fed to MultiCURE is always the predictive net's.
+The scheme above is the paper's; by default the unlabelled crops teach both nets instead. Which net teaches
+(``teacher``, :mod:`.teachers`): ``"mutual"`` (CPS: each net trains the other; the default), ``"predictive"`` (the
+paper), ``"better"`` (MCF: the net with the lower labelled ``L_s`` of the iteration) or ``"ema"`` (a mean teacher of
+the predictive net trains both). What the students see (``student_view``, :mod:`.student_views`): BCP's copy-paste
+mix of a labelled and an unlabelled crop (the default), a perturbed view, or the teacher's crop (the paper); the
+targets come from the teachers' pass on the clean crop. The uncertainty map fed to MultiCURE is always the
+predictive net's.
 
 The loss is a table of terms (:mod:`.loss_terms`): ``name -> (what it computes, weight schedule, nets it trains,
 batch part)``. The total, the gradient diagnostics, the NaN check and what is logged come from that table, so a new
@@ -58,6 +60,7 @@ from torch.optim.optimizer import Optimizer
 from multicure_monai.engines.cycling_loader import CyclingLoader
 from multicure_monai.engines.diagnostics import check_finite_losses, loss_gradient_norms
 from multicure_monai.engines.loss_terms import IterationContext, LossTerm, check_loss_terms
+from multicure_monai.engines.student_views import student_view as build_student_view
 from multicure_monai.engines.teachers import TEACHERS, clean_view_probabilities
 from multicure_monai.errors import BundleInputError
 from multicure_monai.networks.two_nets import TwoNetOutput, forward_two_nets
@@ -95,8 +98,9 @@ class SemiSupervisedTrainer(SupervisedTrainer):
             labelled loader (re-iterated when exhausted, calling ``sampler.set_epoch`` when the sampler has one).
         uncertainty_threshold: confidence below which a voxel is uncertain (the map fed to MultiCURE, and the
             reliable/uncertain split of the contrastive loss).
-        teacher: ``"predictive"`` (the paper), ``"better"`` (MCF: the net with the lower labelled ``L_s`` of the
-            iteration teaches the other) or ``"ema"`` (``ema_network`` teaches both nets).
+        teacher: ``"mutual"`` (CPS: each net's confident argmax trains the other; the default), ``"predictive"``
+            (the paper), ``"better"`` (MCF: the net with the lower labelled ``L_s`` of the iteration teaches the
+            other) or ``"ema"`` (``ema_network`` teaches both nets).
         ema_network: the EMA teacher for ``teacher="ema"``, e.g. ``torch.optim.swa_utils.AveragedModel(
             predictive, multi_avg_fn=get_ema_multi_avg_fn(0.99), use_buffers=True)``; updated from the predictive
             net after every optimizer step.
@@ -104,10 +108,11 @@ class SemiSupervisedTrainer(SupervisedTrainer):
             sends into each net (``diag_grad_<name>_<net>``; one extra backward pass per row); 0 disables.
         predictive_uses_uncertainty: the predictive net holds a MultiCURE block (authors' released code); it
             then gets the uncertainty map of a first, gradient-free pass of itself.
-        student_view: what the students see of the unlabelled crops (:mod:`.student_views`, e.g.
-            :class:`~multicure_monai.engines.student_views.CopyPasteView`): the teachers first run on the clean
-            crops without gradient (:func:`~multicure_monai.engines.teachers.clean_view_probabilities`), then
-            both nets train on the view against the view's targets. ``None`` (the paper): the same crop.
+        student_view: what the students see of the unlabelled crops: a view (:mod:`.student_views`) or its name
+            (default ``"copy_paste"``, :class:`~multicure_monai.engines.student_views.CopyPasteView`). The teachers
+            first run on the clean crops without gradient (:func:`~multicure_monai.engines.teachers.
+            clean_view_probabilities`), then both nets train on the view against the view's targets. ``None`` or
+            ``"none"`` (the paper): the same crop.
         supervised_only: ablation baseline; keeps the table's ``"labelled"`` rows only (same networks, same
             budget); the unlabelled loader is ignored.
         empty_unlabeled: what to do when there is no unlabelled data: ``"warn"`` (fall back to
@@ -137,11 +142,11 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         loss_terms: Mapping[str, LossTerm],
         unlabeled_data_loader: Iterable | None = None,
         uncertainty_threshold: float = 0.7,
-        teacher: str = "predictive",
+        teacher: str = "mutual",
         ema_network: torch.nn.Module | None = None,
         diagnostics_interval: int = 0,
         predictive_uses_uncertainty: bool = False,
-        student_view: Callable | None = None,
+        student_view: str | Callable | None = "copy_paste",
         supervised_only: bool = False,
         empty_unlabeled: str = "warn",
         channels_last: bool = False,
@@ -182,7 +187,7 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         self.predictive_uses_uncertainty = predictive_uses_uncertainty
         self.teacher = teacher
         self.ema_network = ema_network
-        self.student_view = student_view
+        self.student_view = build_student_view(student_view) if isinstance(student_view, str) else student_view
         self.diagnostics_interval = int(diagnostics_interval)
         self.memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
 
@@ -245,7 +250,7 @@ class SemiSupervisedTrainer(SupervisedTrainer):
     def training_inputs(self, num_batches: int) -> Iterator[torch.Tensor]:
         """``num_batches`` network inputs built like an iteration's ``x``: a labelled batch (a fresh pass over the
         labelled loader, restarted when it runs out) followed by the next unlabelled batch (none when
-        supervised-only), on the engine's device, ``(B_l + B_u, C, H, W, D)``."""
+        supervised-only; the clean crops, not a student view), on the engine's device, ``(B_l + B_u, C, H, W, D)``."""
         labelled: Iterator | None = None
         for _ in range(int(num_batches)):
             batchdata = next(labelled, None) if labelled is not None else None
@@ -268,17 +273,12 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         )
 
     # ------------------------------------------------------------- iteration
-    def _iteration(self, engine: SupervisedTrainer, batchdata: dict[str, torch.Tensor]) -> dict:  # type: ignore[override]
-        if batchdata is None:
-            raise ValueError("Must provide batch data for current iteration.")
-        batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
-        x_l, y_l = _plain(batch[0]), _plain(batch[1])
-        if y_l is None:
-            raise ValueError("the labelled loader must provide 'label'.")
-        x_u = None if self.supervised_only else self._next_unlabeled()
-        n_l, view_targets = x_l.shape[0], None
-        self.network.train()
-        self.aux_network.train()
+    def student_batch(
+        self, x_l: torch.Tensor, y_l: torch.Tensor, x_u: torch.Tensor | None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        """The students' batch ``cat(x_l, view of x_u)`` and the view's targets (``None`` without a view): the
+        teachers label the clean ``x_u`` without gradient, then :attr:`student_view` transforms crops and targets."""
+        view_targets = None
         if x_u is not None and self.student_view is not None:
             x_u = x_u.contiguous(memory_format=self.memory_format)
             with self.autocast():
@@ -286,7 +286,20 @@ class SemiSupervisedTrainer(SupervisedTrainer):
                                                  self.uncertainty_threshold, self.predictive_uses_uncertainty,
                                                  self.ema_network)  # fmt: skip
             x_u, view_targets = self.student_view(x_l, y_l, x_u, clean)
-        x = (x_l if x_u is None else torch.cat([x_l, x_u], dim=0)).contiguous(memory_format=self.memory_format)
+        x = x_l if x_u is None else torch.cat([x_l, x_u], dim=0)
+        return x.contiguous(memory_format=self.memory_format), view_targets
+
+    def _iteration(self, engine: SupervisedTrainer, batchdata: dict[str, torch.Tensor]) -> dict:  # type: ignore[override]
+        if batchdata is None:
+            raise ValueError("Must provide batch data for current iteration.")
+        batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
+        x_l, y_l = _plain(batch[0]), _plain(batch[1])
+        if y_l is None:
+            raise ValueError("the labelled loader must provide 'label'.")
+        self.network.train()
+        self.aux_network.train()
+        n_l = x_l.shape[0]
+        x, view_targets = self.student_batch(x_l, y_l, None if self.supervised_only else self._next_unlabeled())
         weights = {name: row.weight_at(engine.state.iteration) for name, row in self.loss_terms.items()}
         engine.state.output = {Keys.IMAGE: x_l, Keys.LABEL: y_l}
         self.optimizer.zero_grad(set_to_none=self.optim_set_to_none)

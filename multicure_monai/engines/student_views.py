@@ -117,7 +117,7 @@ class CopyPasteView:
         return images, out
 
 
-def student_view(name: str = "none", **kwargs: float) -> PerturbedView | CopyPasteView | None:
+def student_view(name: str = "copy_paste", **kwargs: float) -> PerturbedView | CopyPasteView | None:
     """The view called ``name`` (one of :data:`STUDENT_VIEWS`; ``"none"`` gives ``None``), built with ``kwargs``."""
     if name not in STUDENT_VIEWS:
         raise ValueError(f"student_view must be one of {STUDENT_VIEWS}, got {name!r}.")

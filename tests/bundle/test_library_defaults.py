@@ -20,7 +20,6 @@ COMPONENTS = [
     "loss_terms#contrastive#compute#loss", "loss_terms#pseudo#weight", "loss_terms#contrastive#weight",
     "loss_terms#sup#compute", "loss_terms#pseudo#compute", "loss_terms#reg#compute", "loss_terms#reg",
     "loss_terms#contrastive#compute", "lr_scheduler", "train#trainer", "inferer", "train#ema_network",
-    "train#trainer#student_view",
 ]  # fmt: skip
 NOT_METHOD = {
     "spatial_dims", "in_channels", "out_channels", "num_classes", "device", "max_epochs", "epoch_length", "optimizer",

@@ -59,8 +59,10 @@ def _unlabelled(n: int = 3) -> list[dict]:
 
 
 def _trainer(iterations: int = 3, unlabeled=None, net_cls: type = TinySegNet, **kwargs) -> SemiSupervisedTrainer:
-    """A trainer of two tiny nets; the method's loss arguments (``TABLE_ARGS``) build its loss table."""
+    """A trainer of two tiny nets; the method's loss arguments (``TABLE_ARGS``) build its loss table. The teacher
+    and the student view are the paper's unless given (the library's defaults are tested on their own)."""
     torch.manual_seed(0)
+    kwargs = {"teacher": "predictive", "student_view": None, **kwargs}
     net, aux = net_cls(), net_cls(record=True)
     table = dict(
         supervised_loss=DiceCELoss(to_onehot_y=True, softmax=True),

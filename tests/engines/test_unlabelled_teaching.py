@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from test_semi_supervised_trainer import TinySegNet, _batch, _compute, _trainer
 
+from multicure_monai.engines import SemiSupervisedTrainer
 from multicure_monai.engines.loss_terms import IterationContext, LabelledDisagreementTerm
 from multicure_monai.engines.student_views import CopyPasteView, PerturbedView
 from multicure_monai.engines.teachers import clean_view_probabilities, ema_teacher
@@ -54,6 +57,24 @@ def test_training_with_a_student_view_is_finite(view, teacher: str) -> None:
     out = trainer.state.output
     for key in ("loss", "loss_pseudo", "loss_reg", "loss_contrastive"):
         assert torch.isfinite(out[key]), key
+
+
+@pytest.mark.parametrize("view, cls", [("none", type(None)), (None, type(None)), ("perturb", PerturbedView),
+                                       ("copy_paste", CopyPasteView), (CopyPasteView(0.5), CopyPasteView)])  # fmt: skip
+def test_student_view_by_name_or_object(view, cls: type) -> None:
+    assert isinstance(_trainer(iterations=1, student_view=view).student_view, cls)
+
+
+def test_library_default_teaches_both_nets_on_copy_paste() -> None:
+    """The trainer's defaults (the bundle's) are the mutual teacher on BCP's mix; both nets learn from it."""
+    params = inspect.signature(SemiSupervisedTrainer).parameters
+    defaults = {name: params[name].default for name in ("teacher", "student_view")}
+    assert defaults == {"teacher": "mutual", "student_view": "copy_paste"}
+    trainer = _trainer(iterations=2, diagnostics_interval=2, **defaults)
+    trainer.run()
+    out = trainer.state.output
+    assert isinstance(trainer.student_view, CopyPasteView) and float(out["diag_teacher"]) == 3.0
+    assert float(out["diag_grad_pseudo_predictive"]) > 0.0 and float(out["diag_grad_pseudo_auxiliary"]) > 0.0
 
 
 @pytest.mark.parametrize("warmup, second", [(True, 0.5), (False, 0.99)])

@@ -89,7 +89,7 @@ def _trainer(supervised_only: bool, num_batches: int, epoch_level: bool = True, 
         loss_terms=method_loss_terms(DiceCELoss(to_onehot_y=True, softmax=True), PseudoLabelLoss()),
         supervised_only=supervised_only,
         decollate=False,
-        **kwargs,
+        **{"teacher": "predictive", "student_view": None, **kwargs},  # one forward per net and iteration
     )
     # an epoch is 2 iterations: once per epoch either way
     BatchNormRecalibration(num_batches=num_batches, interval=1 if epoch_level else 2, epoch_level=epoch_level).attach(
