@@ -387,8 +387,8 @@ class SemiSupervisedTrainer(SupervisedTrainer):
             terms.update(
                 {
                     "diag_fg_label": (labels != 0).float().mean(),
-                    "diag_fg_predictive": (out.logits_p[:n_l].argmax(dim=1) != 0).float().mean(),
-                    "diag_fg_auxiliary": (out.logits_a[:n_l].argmax(dim=1) != 0).float().mean(),
+                    "diag_fg_predictive": (out.logits_p[:n_l].max(dim=1).indices != 0).float().mean(),
+                    "diag_fg_auxiliary": (out.logits_a[:n_l].max(dim=1).indices != 0).float().mean(),
                     "diag_teacher": torch.as_tensor(float(ctx.teacher_index)),
                     "diag_uncertain_fraction": (out.probs_p.amax(dim=1) < self.uncertainty_threshold).float().mean(),
                 }

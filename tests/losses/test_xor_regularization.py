@@ -139,3 +139,17 @@ def test_invalid_normalization_and_threshold() -> None:
         XORRegularizationLoss(normalization="batch")
     with pytest.raises(ValueError, match="confidence_threshold"):
         XORRegularizationLoss(confidence_threshold=1.0)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last_3d])
+def test_memory_format_and_ties_do_not_change_the_loss(fmt: torch.memory_format) -> None:
+    """Contiguous and channels-last inputs give the same loss; a tie counts as class 0, as ``torch.argmax``."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.softmax(torch.randn(2, 3, 6, 5, 4, generator=g), dim=1)
+    b = torch.softmax(torch.randn(2, 3, 6, 5, 4, generator=g) * 3, dim=1)
+    a[0, :, 0, 0, 0] = torch.tensor([0.4, 0.4, 0.2])  # tie between classes 0 and 1
+    loss = XORRegularizationLoss(reduction="none", confidence_threshold=None)
+    expected = (a - b).abs().sum(1, keepdim=True) * (a.argmax(1, keepdim=True) != b.argmax(1, keepdim=True))
+    out = loss(a.contiguous(memory_format=fmt), b.contiguous(memory_format=fmt))
+    torch.testing.assert_close(out, expected)
+    assert out[0, 0, 0, 0, 0] == (a[0, :, 0, 0, 0] - b[0, :, 0, 0, 0]).abs().sum() * (b[0, :, 0, 0, 0].argmax() != 0)
