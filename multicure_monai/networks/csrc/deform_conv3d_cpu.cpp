@@ -102,35 +102,30 @@ Geometry make_geometry(const at::Tensor& x, const at::Tensor& offset, const c10:
 
 // The 8 trilinear corners of a sample, as pointers, so that one channel loop serves all eight: src[c] is the
 // corner's row of channel group gr (or `zeros` when the corner lies outside the volume: it reads zero), dst[c]
-// its row in the input-gradient accumulator (or `sink` outside, discarded); w holds the interpolation weights
-// and, when derivatives are asked for, wd / wh / ww their derivatives w.r.t. the three coordinates (0 outside).
+// its row in the input-gradient accumulator (or `sink` outside, discarded); w holds the interpolation weights and
+// frac the sample's fractional coordinates (d, h, w), with which the offset gradient interpolates.
 template <typename T>
 struct Corners {
   const T* src[8];
   T* dst[8];
-  T w[8], wd[8], wh[8], ww[8];
+  T w[8];
+  T frac[3];
 };
 
-// Corner c = 4a + 2b + e of `cr`: its rows and its interpolation weight (and derivatives) from the per-axis
-// weights ad / ah / aw of the sample's fractional coordinates.
-template <typename T, bool DERIV>
+// Corner c = 4a + 2b + e of `cr`: its rows and its interpolation weight from the per-axis weights ad / ah / aw of
+// the sample's fractional coordinates.
+template <typename T>
 inline void set_corner(Corners<T>& cr, int c, const T* src, T* dst, const T* ad, const T* ah, const T* aw) {
   const int a = c >> 2, b = (c >> 1) & 1, e = c & 1;
   cr.src[c] = src;
   cr.dst[c] = dst;
   cr.w[c] = ad[a] * ah[b] * aw[e];
-  if (DERIV) {
-    const T sgn[2] = {T(-1), T(1)};
-    cr.wd[c] = sgn[a] * ah[b] * aw[e];
-    cr.wh[c] = ad[a] * sgn[b] * aw[e];
-    cr.ww[c] = ad[a] * ah[b] * sgn[e];
-  }
 }
 
 // Fills `cr` for a sample at (qd, qh, qw) with a corner outside the volume (BlockScratch::corners takes the others);
 // returns false when the sample reads zero (outside (-1, size) on some axis). xg / gxg: this batch item's rows
 // offset to channel group gr (gxg null: no dst).
-template <typename T, bool DERIV>
+template <typename T>
 inline bool trilinear_corners(const Geometry& g, T qd, T qh, T qw, const T* xg, T* gxg, const T* zeros, T* sink,
                               Corners<T>& cr) {
   if (!(qd > T(-1) && qd < T(g.D) && qh > T(-1) && qh < T(g.H) && qw > T(-1) && qw < T(g.W))) return false;
@@ -138,6 +133,9 @@ inline bool trilinear_corners(const Geometry& g, T qd, T qh, T qw, const T* xg, 
   const int64_t id = static_cast<int64_t>(fd), ih = static_cast<int64_t>(fh), iw = static_cast<int64_t>(fw);
   const T td = qd - fd, th = qh - fh, tw = qw - fw;
   const T ad[2] = {T(1) - td, td}, ah[2] = {T(1) - th, th}, aw[2] = {T(1) - tw, tw};
+  cr.frac[0] = td;
+  cr.frac[1] = th;
+  cr.frac[2] = tw;
   int c = 0;
   for (int a = 0; a < 2; ++a) {
     const int64_t d = id + a;
@@ -149,12 +147,11 @@ inline bool trilinear_corners(const Geometry& g, T qd, T qh, T qw, const T* xg, 
         const int64_t x = iw + e;
         if (vd && vh && x >= 0 && x < g.W) {
           const int64_t r = ((d * g.H + h) * g.W + x) * g.C;
-          set_corner<T, DERIV>(cr, c, xg + r, gxg == nullptr ? sink : gxg + r, ad, ah, aw);
+          set_corner<T>(cr, c, xg + r, gxg == nullptr ? sink : gxg + r, ad, ah, aw);
         } else {
           cr.src[c] = zeros;
           cr.dst[c] = sink;
           cr.w[c] = T(0);
-          if (DERIV) cr.wd[c] = cr.wh[c] = cr.ww[c] = T(0);
         }
       }
     }
@@ -219,16 +216,17 @@ struct BlockScratch {
   }
 
   // The corners of sample i of the prepared kernel point (see trilinear_corners; false: it reads zero).
-  template <bool DERIV>
   inline bool corners(const Geometry& g, int64_t i, const T* xg, T* gxg, Corners<T>& cr) {
     const int64_t b0 = base[i];
     if (b0 < 0)
-      return trilinear_corners<T, DERIV>(g, q[i], q[n + i], q[2 * n + i], xg, gxg, zeros.data(), sink.data(), cr);
+      return trilinear_corners<T>(g, q[i], q[n + i], q[2 * n + i], xg, gxg, zeros.data(), sink.data(), cr);
     const T td = t[i], th = t[n + i], tw = t[2 * n + i];
     const T ad[2] = {T(1) - td, td}, ah[2] = {T(1) - th, th}, aw[2] = {T(1) - tw, tw};
+    cr.frac[0] = td;
+    cr.frac[1] = th;
+    cr.frac[2] = tw;
     for (int c = 0; c < 8; ++c)
-      set_corner<T, DERIV>(cr, c, xg + b0 + g.coff[c], gxg == nullptr ? sink.data() : gxg + b0 + g.coff[c], ad, ah,
-                           aw);
+      set_corner<T>(cr, c, xg + b0 + g.coff[c], gxg == nullptr ? sink.data() : gxg + b0 + g.coff[c], ad, ah, aw);
     return true;
   }
 };
@@ -247,7 +245,7 @@ inline void sample_block(const Geometry& g, const T* xb, const T* off, const T* 
       const T* mk = mask == nullptr ? nullptr : mask + Geometry::index4(g.ms, b, gr, k, first);
       for (int64_t i = 0; i < n; ++i) {
         T* d = dst + i * KC + k * g.C + gr * cg;
-        if (!sc.template corners<false>(g, i, xb + gr * cg, nullptr, cr)) {
+        if (!sc.corners(g, i, xb + gr * cg, nullptr, cr)) {
           std::fill(d, d + cg, T(0));
           continue;
         }
@@ -308,7 +306,7 @@ inline void backward_block(const Geometry& g, const T* xb, const T* off, const T
         const int64_t s = first + i, e = k * g.C + gr * cg;
         const T* gc = gcb + i * KC + e;
         T* cols = cols_b == nullptr ? nullptr : cols_b + i * KC;
-        const bool inside = sc.template corners<GOFF>(g, i, xb + gr * cg, GX ? gxb + gr * cg : nullptr, cr);
+        const bool inside = sc.corners(g, i, xb + gr * cg, GX ? gxb + gr * cg : nullptr, cr);
         const T m = mask == nullptr ? T(1) : mask[Geometry::index4(g.ms, b, gr, k, s)];
         T gq[3] = {T(0), T(0), T(0)};
         if (inside) {
@@ -319,23 +317,27 @@ inline void backward_block(const Geometry& g, const T* xb, const T* off, const T
           T wm[8];
           for (int c = 0; c < 8; ++c) wm[c] = cr.w[c] * m;
           const T* w = cr.w;
-          T t0 = T(0), t1 = T(0), t2 = T(0), t3 = T(0), t4 = T(0), t5 = T(0), t6 = T(0), t7 = T(0);
-  #pragma omp simd reduction(+ : t0, t1, t2, t3, t4, t5, t6, t7)
+          const T fd = cr.frac[0], fh = cr.frac[1], fw = cr.frac[2];
+          // The offset gradient is gout . d(value)/d(coordinate). The value's three derivatives come from the
+          // interpolation's own lerps (w, then h, then d; a corner outside reads zero, so its weight does not
+          // matter), which also give the value: three sums per sample instead of one per corner.
+          T sd = T(0), sh = T(0), sw = T(0);
+  #pragma omp simd reduction(+ : sd, sh, sw)
           for (int64_t ch = 0; ch < cg; ++ch) {
             const T gv = gc[ch];
             const T v0 = s0[ch], v1 = s1[ch], v2 = s2[ch], v3 = s3[ch], v4 = s4[ch], v5 = s5[ch], v6 = s6[ch],
                     v7 = s7[ch];
             if constexpr (GOFF) {
-              t0 += v0 * gv;
-              t1 += v1 * gv;
-              t2 += v2 * gv;
-              t3 += v3 * gv;
-              t4 += v4 * gv;
-              t5 += v5 * gv;
-              t6 += v6 * gv;
-              t7 += v7 * gv;
-            }
-            if constexpr (VAL) {
+              const T e00 = v1 - v0, e01 = v3 - v2, e10 = v5 - v4, e11 = v7 - v6;  // along w, corners (d, h)
+              const T p00 = v0 + fw * e00, p01 = v2 + fw * e01, p10 = v4 + fw * e10, p11 = v6 + fw * e11;
+              const T h0 = p01 - p00, h1 = p11 - p10;  // along h, planes d = 0, 1
+              const T q0 = p00 + fh * h0, q1 = p10 + fh * h1;
+              const T r0 = e00 + fh * (e01 - e00), r1 = e10 + fh * (e11 - e10);
+              sd += gv * (q1 - q0);
+              sh += gv * (h0 + fd * (h1 - h0));
+              sw += gv * (r0 + fd * (r1 - r0));
+              if constexpr (VAL) val[ch] = q0 + fd * (q1 - q0);
+            } else if constexpr (VAL) {
               T acc = w[0] * v0;
               acc += w[1] * v1;
               acc += w[2] * v2;
@@ -357,14 +359,9 @@ inline void backward_block(const Geometry& g, const T* xb, const T* off, const T
               d7[ch] += wm[7] * gv;
             }
           }
-          if constexpr (GOFF) {
-            const T dot[8] = {t0, t1, t2, t3, t4, t5, t6, t7};
-            for (int c = 0; c < 8; ++c) {
-              gq[0] += cr.wd[c] * dot[c];
-              gq[1] += cr.wh[c] * dot[c];
-              gq[2] += cr.ww[c] * dot[c];
-            }
-          }
+          gq[0] = sd;
+          gq[1] = sh;
+          gq[2] = sw;
         } else if (VAL) {
           std::fill(val, val + cg, T(0));
         }
