@@ -20,13 +20,9 @@ One iteration (``L = L_s + lambda_u * L_u + lambda_c(t) * L_c``, eqs. 1-3 of the
           reliable voxels (conf > tau) build the class prototypes, anchors are pulled to theirs; a voxel's class
           is the ground truth on labelled images, the teacher's argmax elsewhere
 
-The scheme above is the paper's; by default the unlabelled crops teach both nets instead. Which net teaches
-(``teacher``, :mod:`.teachers`): ``"mutual"`` (CPS: each net trains the other; the default), ``"predictive"`` (the
-paper), ``"better"`` (MCF: the net with the lower labelled ``L_s`` of the iteration) or ``"ema"`` (a mean teacher of
-the predictive net trains both). What the students see (``student_view``, :mod:`.student_views`): BCP's copy-paste
-mix of a labelled and an unlabelled crop (the default), a perturbed view, or the teacher's crop (the paper); the
-targets come from the teachers' pass on the clean crop. The uncertainty map fed to MultiCURE is always the
-predictive net's.
+That is the paper's scheme. By default each net teaches the other (``teacher="mutual"``, :mod:`.teachers`) on BCP's
+copy-paste mix of labelled and unlabelled crops (``student_view``, :mod:`.student_views`), the targets from the
+teachers' pass on the clean crops. The uncertainty map fed to MultiCURE is always the predictive net's.
 
 The loss is a table of terms (:mod:`.loss_terms`): ``name -> (what it computes, weight schedule, nets it trains,
 batch part)``. The total, the gradient diagnostics, the NaN check and what is logged come from that table, so a new
