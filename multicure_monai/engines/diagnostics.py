@@ -1,4 +1,4 @@
-"""The trainer's diagnostics of its loss terms: per-loss gradient norms and a NaN/Inf guard before the step.
+"""The trainer's diagnostics: what each iteration's nets predict, per-loss gradient norms and a NaN/Inf guard.
 
 A semi-supervised run can fail quietly: one loss term outgrows the supervised one. :func:`loss_gradient_norms`
 measures how hard each weighted loss term pulls on each net; :func:`check_finite_losses` stops before an
@@ -14,7 +14,34 @@ from typing import Any
 
 import torch
 
-__all__ = ["loss_gradient_norms", "check_finite_losses"]
+__all__ = ["prediction_diagnostics", "loss_gradient_norms", "check_finite_losses"]
+
+
+@torch.no_grad()
+def prediction_diagnostics(
+    logits_p: torch.Tensor,
+    logits_a: torch.Tensor,
+    probs_p: torch.Tensor,
+    y_l: torch.Tensor,
+    uncertainty_threshold: float,
+) -> dict[str, torch.Tensor]:
+    """Foreground fractions of the labels and of each net's argmax on the ``n_l = len(y_l)`` labelled crops, and
+    the fraction of voxels the predictive net is unsure of (``diag_*`` of the trainer's output).
+
+    Args:
+        logits_p / logits_a: each net's logits ``(B, N, H, W, D)``, the labelled crops first.
+        probs_p: the predictive net's probabilities, same shape.
+        y_l: the labels ``(n_l, 1, H, W, D)``.
+        uncertainty_threshold: confidence below which a voxel is uncertain.
+    """
+    n_l = y_l.shape[0]
+    # max(...).indices is argmax; torch.argmax over dim 1 of a contiguous tensor is much slower on CPU
+    return {
+        "diag_fg_label": (y_l.long() != 0).float().mean(),
+        "diag_fg_predictive": (logits_p[:n_l].max(dim=1).indices != 0).float().mean(),
+        "diag_fg_auxiliary": (logits_a[:n_l].max(dim=1).indices != 0).float().mean(),
+        "diag_uncertain_fraction": (probs_p.amax(dim=1) < uncertainty_threshold).float().mean(),
+    }
 
 
 def loss_gradient_norms(

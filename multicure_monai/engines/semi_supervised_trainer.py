@@ -54,7 +54,7 @@ from monai.utils.enums import CommonKeys as Keys
 from torch.optim.optimizer import Optimizer
 
 from multicure_monai.engines.cycling_loader import CyclingLoader
-from multicure_monai.engines.diagnostics import check_finite_losses, loss_gradient_norms
+from multicure_monai.engines.diagnostics import check_finite_losses, loss_gradient_norms, prediction_diagnostics
 from multicure_monai.engines.loss_terms import IterationContext, LossTerm, check_loss_terms
 from multicure_monai.engines.student_views import student_view as build_student_view
 from multicure_monai.engines.teachers import TEACHERS, clean_view_probabilities
@@ -378,17 +378,8 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         total = None
         for value in weighted.values():
             total = value if total is None else total + value
-        with torch.no_grad():
-            labels = y_l.long()
-            terms.update(
-                {
-                    "diag_fg_label": (labels != 0).float().mean(),
-                    "diag_fg_predictive": (out.logits_p[:n_l].max(dim=1).indices != 0).float().mean(),
-                    "diag_fg_auxiliary": (out.logits_a[:n_l].max(dim=1).indices != 0).float().mean(),
-                    "diag_teacher": torch.as_tensor(float(ctx.teacher_index)),
-                    "diag_uncertain_fraction": (out.probs_p.amax(dim=1) < self.uncertainty_threshold).float().mean(),
-                }
-            )
+        terms.update(prediction_diagnostics(out.logits_p, out.logits_a, out.probs_p, y_l, self.uncertainty_threshold))
+        terms["diag_teacher"] = torch.as_tensor(float(ctx.teacher_index))
         terms[Keys.LOSS] = total if total is not None else out.logits_p.sum() * 0.0
         terms["_pred"] = out.logits_p[:n_l].detach()
         return terms, weighted
