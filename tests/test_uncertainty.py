@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from multicure_monai.uncertainty import confidence, entropy, uncertainty_map
+from multicure_monai.uncertainty import confidence, entropy, predicted_labels, uncertainty_map
 
 # Two classes, four voxels: foreground prob 0.1, 0.4, 0.5, 0.8 -> confidences 0.9, 0.6, 0.5, 0.8.
 _FG = torch.tensor([0.1, 0.4, 0.5, 0.8])
@@ -74,3 +74,14 @@ def test_entropy_known_value_and_bounds() -> None:
     normed = entropy(probs, normalize=True)
     assert normed.shape == (2, 1, 6, 6, 6)
     assert bool((normed >= 0).all()) and bool((normed <= 1 + 1e-6).all())
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last_3d])
+@pytest.mark.parametrize("keepdim", [True, False])
+def test_predicted_labels_is_argmax_with_first_maximum_on_ties(fmt: torch.memory_format, keepdim: bool) -> None:
+    scores = torch.randn(2, 3, 4, 5, 6, generator=torch.Generator().manual_seed(0))
+    scores[0, :, 0, 0, 0] = torch.tensor([0.5, 0.5, 0.1])
+    scores[1, :, 1, 1, 1] = torch.tensor([0.1, 0.7, 0.7])
+    got = predicted_labels(scores.contiguous(memory_format=fmt), keepdim=keepdim)
+    assert torch.equal(got, scores.argmax(dim=1, keepdim=keepdim))
+    assert got.flatten()[0] == 0

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from multicure_monai.uncertainty import predicted_labels
+
 __all__ = ["prediction_diagnostics", "loss_gradient_norms", "check_finite_losses"]
 
 
@@ -35,11 +37,10 @@ def prediction_diagnostics(
         uncertainty_threshold: confidence below which a voxel is uncertain.
     """
     n_l = y_l.shape[0]
-    # max(...).indices is argmax; torch.argmax over dim 1 of a contiguous tensor is much slower on CPU
     return {
         "diag_fg_label": (y_l.long() != 0).float().mean(),
-        "diag_fg_predictive": (logits_p[:n_l].max(dim=1).indices != 0).float().mean(),
-        "diag_fg_auxiliary": (logits_a[:n_l].max(dim=1).indices != 0).float().mean(),
+        "diag_fg_predictive": (predicted_labels(logits_p[:n_l]) != 0).float().mean(),
+        "diag_fg_auxiliary": (predicted_labels(logits_a[:n_l]) != 0).float().mean(),
         "diag_uncertain_fraction": (probs_p.amax(dim=1) < uncertainty_threshold).float().mean(),
     }
 

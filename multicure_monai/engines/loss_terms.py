@@ -24,6 +24,7 @@ from monai.networks.utils import one_hot
 
 from multicure_monai.engines.teachers import select_teacher
 from multicure_monai.metrics.calibration import boundary_band
+from multicure_monai.uncertainty import predicted_labels
 
 __all__ = [
     "BATCH_PARTS",
@@ -231,8 +232,7 @@ class LabelledDisagreementTerm:
 
     def __call__(self, ctx: IterationContext) -> tuple[torch.Tensor, dict[str, Any]]:
         probs = {net: ctx.probs[net][: ctx.n_l] for net in NETWORK_NAMES}
-        labels = [probs[net].max(dim=1, keepdim=True).indices for net in NETWORK_NAMES]  # = argmax, faster on CPU
-        disagree = (labels[0] != labels[1]).float()
+        disagree = (predicted_labels(probs["predictive"]) != predicted_labels(probs["auxiliary"])).float()
         truth = one_hot(ctx.labels.long(), probs["predictive"].shape[1], dim=1).to(probs["predictive"])
         count = disagree.sum()
         squared = (((p - truth) ** 2).mean(1, keepdim=True) for p in probs.values())

@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from multicure_monai.uncertainty import predicted_labels
+
 __all__ = ["XORRegularizationLoss"]
 
 _REDUCTIONS = ("mean", "sum", "none")
@@ -93,9 +95,7 @@ class XORRegularizationLoss(nn.Module):
         if probs_a.ndim < 2:
             raise ValueError(f"Expected (B, C, *S), got {tuple(probs_a.shape)}.")
         b = probs_b.detach()
-        # max(...).indices is argmax (first maximum on ties); torch.argmax over dim 1 of a contiguous (B, C, *S)
-        # tensor runs tens of times slower on CPU
-        disagree = probs_a.detach().max(dim=1, keepdim=True).indices != b.max(dim=1, keepdim=True).indices
+        disagree = predicted_labels(probs_a.detach()) != predicted_labels(b)
         confident = None
         if self.confidence_threshold is not None:
             confident = b.amax(dim=1, keepdim=True) > self.confidence_threshold

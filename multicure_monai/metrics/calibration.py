@@ -26,7 +26,7 @@ from monai.metrics import CumulativeIterationMetric, calibration_binning
 from monai.utils import MetricReduction
 from torch import Tensor
 
-from multicure_monai.uncertainty import confidence, entropy
+from multicure_monai.uncertainty import confidence, entropy, predicted_labels
 
 __all__ = ["QUANTITIES", "REGIONS", "boundary_band", "uncertainty_scores", "UncertaintyMetric"]
 
@@ -103,7 +103,7 @@ def uncertainty_scores(
     if probs.ndim < 3 or probs.shape[1] < 2:
         raise ValueError(f"probs must be (B, C, *S) with C >= 2, got {tuple(probs.shape)}.")
     if label.shape[1] != 1:
-        label = label.argmax(dim=1, keepdim=True)
+        label = predicted_labels(label)
     if label.shape[0] != probs.shape[0] or label.shape[2:] != probs.shape[2:]:
         raise ValueError(f"label {tuple(label.shape)} does not match probs {tuple(probs.shape)}.")
     probs = probs.detach().float()
@@ -112,7 +112,7 @@ def uncertainty_scores(
     fg = (label > 0).float()
     ent = entropy(probs, normalize=True)
     uncertain = (confidence(probs) < threshold).float()
-    errors = probs.max(dim=1, keepdim=True).indices != label  # argmax; torch.argmax over dim 1 is slow on CPU
+    errors = predicted_labels(probs) != label
     band = boundary_band(label, band_width)
     results = []
     for b in range(probs.shape[0]):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from multicure_monai.uncertainty import confidence, entropy
+from multicure_monai.uncertainty import confidence, entropy, predicted_labels
 
 __all__ = ["STUDY_MEASURES", "STUDY_REGIONS", "study_uncertainty"]
 
@@ -57,7 +57,7 @@ def study_uncertainty(
     if region == "all":
         mask = torch.ones_like(uncertain)
     else:
-        mask = (probs.max(dim=1, keepdim=True).indices > 0) | uncertain  # argmax; torch.argmax is slow on CPU
+        mask = (predicted_labels(probs) > 0) | uncertain
     mask = mask.flatten(1).float()
     total = (values.flatten(1) * mask).sum(dim=1)
     return torch.where(mask.sum(dim=1) > 0, total / mask.sum(dim=1).clamp_min(1.0), torch.zeros_like(total))
