@@ -112,6 +112,15 @@ struct Corners {
   T frac[3];
 };
 
+// Records the sample's fractional coordinates in `cr` and writes the per-axis interpolation weights (1 - t, t).
+template <typename T>
+inline void set_fractions(Corners<T>& cr, T td, T th, T tw, T* ad, T* ah, T* aw) {
+  cr.frac[0] = td;
+  cr.frac[1] = th;
+  cr.frac[2] = tw;
+  ad[0] = T(1) - td, ad[1] = td, ah[0] = T(1) - th, ah[1] = th, aw[0] = T(1) - tw, aw[1] = tw;
+}
+
 // Corner c = 4a + 2b + e of `cr`: its rows and its interpolation weight from the per-axis weights ad / ah / aw of
 // the sample's fractional coordinates.
 template <typename T>
@@ -131,11 +140,8 @@ inline bool trilinear_corners(const Geometry& g, T qd, T qh, T qw, const T* xg, 
   if (!(qd > T(-1) && qd < T(g.D) && qh > T(-1) && qh < T(g.H) && qw > T(-1) && qw < T(g.W))) return false;
   const T fd = std::floor(qd), fh = std::floor(qh), fw = std::floor(qw);
   const int64_t id = static_cast<int64_t>(fd), ih = static_cast<int64_t>(fh), iw = static_cast<int64_t>(fw);
-  const T td = qd - fd, th = qh - fh, tw = qw - fw;
-  const T ad[2] = {T(1) - td, td}, ah[2] = {T(1) - th, th}, aw[2] = {T(1) - tw, tw};
-  cr.frac[0] = td;
-  cr.frac[1] = th;
-  cr.frac[2] = tw;
+  T ad[2], ah[2], aw[2];
+  set_fractions<T>(cr, qd - fd, qh - fh, qw - fw, ad, ah, aw);
   int c = 0;
   for (int a = 0; a < 2; ++a) {
     const int64_t d = id + a;
@@ -220,11 +226,8 @@ struct BlockScratch {
     const int64_t b0 = base[i];
     if (b0 < 0)
       return trilinear_corners<T>(g, q[i], q[n + i], q[2 * n + i], xg, gxg, zeros.data(), sink.data(), cr);
-    const T td = t[i], th = t[n + i], tw = t[2 * n + i];
-    const T ad[2] = {T(1) - td, td}, ah[2] = {T(1) - th, th}, aw[2] = {T(1) - tw, tw};
-    cr.frac[0] = td;
-    cr.frac[1] = th;
-    cr.frac[2] = tw;
+    T ad[2], ah[2], aw[2];
+    set_fractions<T>(cr, t[i], t[n + i], t[2 * n + i], ad, ah, aw);
     for (int c = 0; c < 8; ++c)
       set_corner<T>(cr, c, xg + b0 + g.coff[c], gxg == nullptr ? sink.data() : gxg + b0 + g.coff[c], ad, ah, aw);
     return true;
