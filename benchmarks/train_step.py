@@ -41,6 +41,7 @@ ratio of each amp step to its float32 twin (medians and fastest steps).
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 from typing import Any
@@ -266,6 +267,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     scheme = {k: v for k, v in (("teacher", args.teacher), ("student_view", args.student_view)) if v is not None}
+    make = functools.partial(build, **scheme)  # every variant teaches alike
     keep_freed_memory(not args.default_allocator)
     channels_last = not args.no_channels_last
     n_l, n = args.labelled, args.labelled + args.unlabelled
@@ -273,16 +275,16 @@ def main() -> None:
     x = torch.randn(n, 1, *args.roi, generator=g).to(device)
     y = (torch.rand(args.labelled, 1, *args.roi, generator=g) > 0.7).float().to(device)
 
-    trainers = {"reference": build(None, device, channels_last, **scheme)}
-    trainers.update({form: build(form, device, channels_last, args.multicure_level, **scheme) for form in args.forms})
+    trainers = {"reference": make(None, device, channels_last)}
+    trainers.update({form: make(form, device, channels_last, args.multicure_level) for form in args.forms})
     if args.split:
         first = args.forms[0]
-        trainers[f"{first}-multicure-only"] = build(first, device, channels_last, args.multicure_level, False, **scheme)
-        trainers["contrastive-only"] = build(None, device, channels_last, contrastive=True, **scheme)
+        trainers[f"{first}-multicure-only"] = make(first, device, channels_last, args.multicure_level, False)
+        trainers["contrastive-only"] = make(None, device, channels_last, contrastive=True)
     if args.amp:
         for name in ["reference", *args.forms]:
             form = None if name == "reference" else name
-            trainers[f"{name}+amp"] = build(form, device, channels_last, args.multicure_level, amp=True, **scheme)
+            trainers[f"{name}+amp"] = make(form, device, channels_last, args.multicure_level, amp=True)
     timed = {name: instrument(trainer) for name, trainer in trainers.items()}
     results: dict[str, list[dict[str, float]]] = {k: [] for k in trainers}
     peaks: dict[str, float] = {}
