@@ -11,7 +11,7 @@ distributes their gradient back:
 
 Algorithm (memory bounded, recompute in backward): output voxels are processed in chunks; the ``(n, K*C_in)``
 column block of a chunk is multiplied with the reshaped weight by one (grouped) GEMM. The Function saves only its
-inputs; backward recomputes the columns chunk by chunk, gets the column gradient from one GEMM with the weight
+inputs (the compiled path: its channels-last copy of the input instead); backward recomputes the columns chunk by chunk, gets the column gradient from one GEMM with the weight
 and hands it to the sampler (input, offset and mask gradients); the weight gradient is one GEMM of the columns
 with the output gradient.
 """
@@ -189,7 +189,8 @@ class DeformConv3dFunction(torch.autograd.Function):
                     out[b, s0:s1].copy_(res)
                 else:
                     out[b, :, s0:s1].copy_(res.t())
-        ctx.save_for_backward(x, offset, weight, mask)
+        # the compiled sampler's channels-last copy of x serves the backward too (a channels-last view of x)
+        ctx.save_for_backward(sampler.x_cl.permute(0, 4, 1, 2, 3) if ext is not None else x, offset, weight, mask)
         ctx.conf = (stride, padding, dilation, groups, og, out_sz, chunk, bias is not None, ext)
         if channels_last:
             return out.view(geo.B, *out_sz, cout).permute(0, 4, 1, 2, 3)
@@ -215,9 +216,10 @@ class DeformConv3dFunction(torch.autograd.Function):
                 gout = grad_out.permute(0, 2, 3, 4, 1).reshape(geo.B, geo.S, cout)
             else:
                 gout = grad_out.reshape(geo.B, cout, geo.S)
-            # laid out like the offsets / mask (channels-last from a channels-last offset conv: no copies)
-            g_off = torch.zeros_like(offv) if need_off else None
-            g_mask = torch.zeros_like(maskv) if (need_m and mask is not None) else None
+            # laid out like the offsets / mask (channels-last from a channels-last offset conv: no copies); both
+            # samplers write every entry of them, so they need no zero fill
+            g_off = torch.empty_like(offv) if need_off else None
+            g_mask = torch.empty_like(maskv) if (need_m and mask is not None) else None
             g_wm = wm.new_zeros(wm.shape) if need_w else None
             sampler = _sampler(ext, geo, x, groups, need_x)
             if sampler.fused:
