@@ -11,7 +11,8 @@
 // Parallel over output voxels with OpenMP, the runtime PyTorch itself uses. Both compute exactly the function
 // of the gather path: zero padding, a sample whose coordinate lies outside (-1, size) on any axis reads zero,
 // every corner outside the volume contributes zero. Both sweep a block of output voxels kernel point by kernel
-// point, so that the trilinear set-up of a block's samples runs as one SIMD loop (BlockScratch::prepare).
+// point, so that the trilinear set-up of a block's samples runs as one SIMD loop (BlockScratch::prepare). The fused
+// kernels are compiled for 16, 32 and 64 channels per offset group as constants (dispatch_channels).
 //
 // Layouts (all contiguous):
 //   x      (B, D, H, W, C)        input, channels last
@@ -236,11 +237,11 @@ struct BlockScratch {
 
 // Sampled (and modulated) columns (n, K, C) of output voxels first .. first + n - 1 of batch item b, written to dst:
 // kernel point by kernel point, one pass over the channels per sample for all 8 corners.
-template <typename T>
+template <typename T, int CG = 0>
 inline void sample_block(const Geometry& g, const T* xb, const T* off, const T* mask, int64_t b, int64_t first,
                          int64_t n, T* dst, BlockScratch<T>& sc) {
   Corners<T> cr;
-  const int64_t cg = g.Cg, KC = g.K * g.C;
+  const int64_t cg = CG > 0 ? CG : g.Cg, KC = g.K * g.C;
   sc.origins(g, first, n);
   for (int64_t k = 0; k < g.K; ++k) {
     for (int64_t gr = 0; gr < g.G; ++gr) {
@@ -295,11 +296,11 @@ void columns_kernel(const Geometry& g, const T* x, const T* off, const T* mask, 
 // compute the sampled values (for the columns, written to cols (n, K, C) when not null, or for the mask
 // gradient). Kernel point by kernel point; one pass over the channels per sample serves all 8 corners and all
 // three.
-template <typename T, bool GX, bool GOFF, bool VAL>
+template <typename T, bool GX, bool GOFF, bool VAL, int CG = 0>
 inline void backward_block(const Geometry& g, const T* xb, const T* off, const T* mask, const T* gcb, int64_t b,
                            int64_t first, int64_t n, T* cols_b, T* gxb, T* goff, T* gmask, BlockScratch<T>& sc) {
   Corners<T> cr;
-  const int64_t cg = g.Cg, KC = g.K * g.C;
+  const int64_t cg = CG > 0 ? CG : g.Cg, KC = g.K * g.C;
   T* val = sc.val.data();
   sc.origins(g, first, n);
   for (int64_t k = 0; k < g.K; ++k) {
@@ -468,7 +469,7 @@ void backward_kernel(const Geometry& g, const T* x, const T* off, const T* mask,
 // Fused forward for one weight group: the output rows (B, S, C_out) are the sampled columns times wm
 // (K*C, C_out), computed block by block (block output voxels per step) so that a block's columns stay in the
 // thread's cache; the products run single-threaded inside the parallel region.
-template <typename T>
+template <typename T, int CG>
 void fused_forward_kernel(const Geometry& g, const T* x, const T* off, const T* mask, const at::Tensor& wm, T* out,
                           int64_t block) {
   const int64_t KC = g.K * g.C, cout = wm.size(1);
@@ -486,7 +487,7 @@ void fused_forward_kernel(const Geometry& g, const T* x, const T* off, const T* 
       trap.run([&] {
         const int64_t b = t / per_item, s0 = (t % per_item) * block, n = std::min(g.S, s0 + block) - s0;
         const T* xb = x + b * rows * g.C;
-        sample_block<T>(g, xb, off, mask, b, s0, n, buf.data(), sc);
+        sample_block<T, CG>(g, xb, off, mask, b, s0, n, buf.data(), sc);
         at::Tensor cols = at::from_blob(buf.data(), {n, KC}, wm.options());
         at::Tensor rows_out = at::from_blob(out + (b * g.S + s0) * cout, {n, cout}, wm.options());
         at::mm_out(rows_out, cols, wm);
@@ -499,7 +500,7 @@ void fused_forward_kernel(const Geometry& g, const T* x, const T* off, const T* 
 // Fused backward for one weight group, block by block: the columns' gradient gout_rows x wm^T, then the sweep
 // of backward_block (input / offset / mask gradients, recomputed columns), then the weight gradient
 // columns^T x gout_rows accumulated per thread. gwm (K*C, C_out) is undefined when not needed.
-template <typename T, bool GX, bool GOFF, bool VAL>
+template <typename T, bool GX, bool GOFF, bool VAL, int CG>
 void fused_backward_kernel(const Geometry& g, const T* x, const T* off, const T* mask, const at::Tensor& wm_t,
                            const T* gout, T* gx, T* goff, T* gmask, const at::Tensor& gwm, int64_t block) {
   const int64_t KC = g.K * g.C, cout = wm_t.size(0);
@@ -531,8 +532,9 @@ void fused_backward_kernel(const Geometry& g, const T* x, const T* off, const T*
         at::Tensor grows = at::from_blob(const_cast<T*>(gout) + (b * g.S + s0) * cout, {n, cout}, wm_t.options());
         at::Tensor gcols = at::from_blob(gbuf.data(), {n, KC}, wm_t.options());
         at::mm_out(gcols, grows, wm_t);
-        backward_block<T, GX, GOFF, VAL>(g, xb, off, mask, gbuf.data(), b, s0, n, need_w ? cbuf.data() : nullptr,
-                                         GX ? gxp + b * rows * g.C : nullptr, goff, gmask, sc);
+        backward_block<T, GX, GOFF, VAL, CG>(g, xb, off, mask, gbuf.data(), b, s0, n,
+                                             need_w ? cbuf.data() : nullptr, GX ? gxp + b * rows * g.C : nullptr,
+                                             goff, gmask, sc);
         if (need_w) {
           at::Tensor cols = at::from_blob(cbuf.data(), {n, KC}, wm_t.options());
           gwm_private[tid].addmm_(cols.t(), grows);
@@ -561,6 +563,16 @@ void dispatch_flags(bool gx, bool goff, bool val, F&& run) {
   else if (goff && val) run(N{}, Y{}, Y{});
   else if (goff) run(N{}, Y{}, N{});
   else run(N{}, N{}, Y{});
+}
+
+// Calls run(std::integral_constant<int, CG>) with the channels per offset group as a compile-time constant where
+// it is a common width (the channel loops then unroll into whole vectors), else with 0 (the width at run time).
+template <typename F>
+void dispatch_channels(int64_t cg, F&& run) {
+  if (cg == 16) run(std::integral_constant<int, 16>{});
+  else if (cg == 32) run(std::integral_constant<int, 32>{});
+  else if (cg == 64) run(std::integral_constant<int, 64>{});
+  else run(std::integral_constant<int, 0>{});
 }
 
 // Which gradients a backward call writes, after checking their buffers: grad_x a contiguous (B, D, H, W, C);
@@ -650,9 +662,11 @@ void fused_forward(const at::Tensor& x, const at::Tensor& offset, const c10::opt
               "out must be a contiguous (B, S, C_out)");
   const bool has_mask = mask.has_value() && mask->defined();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "deform_conv3d_fused_forward", [&] {
-    fused_forward_kernel<scalar_t>(g, x.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(),
-                                   has_mask ? mask->data_ptr<scalar_t>() : nullptr, wm, out.data_ptr<scalar_t>(),
-                                   block);
+    dispatch_channels(g.Cg, [&](auto cg_tag) {
+      fused_forward_kernel<scalar_t, decltype(cg_tag)::value>(g, x.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(),
+                                                              has_mask ? mask->data_ptr<scalar_t>() : nullptr, wm,
+                                                              out.data_ptr<scalar_t>(), block);
+    });
   });
 }
 
@@ -679,11 +693,14 @@ void fused_backward(const at::Tensor& x, const at::Tensor& offset, const c10::op
   const at::Tensor gwm = gw ? *grad_wm : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "deform_conv3d_fused_backward", [&] {
     auto run = [&](auto gx_tag, auto goff_tag, auto val_tag) {
-      fused_backward_kernel<scalar_t, decltype(gx_tag)::value, decltype(goff_tag)::value, decltype(val_tag)::value>(
-          g, x.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(), has_mask ? mask->data_ptr<scalar_t>() : nullptr,
-          wm_t, gout.data_ptr<scalar_t>(), gx ? grad_x->data_ptr<scalar_t>() : nullptr,
-          goff ? grad_offset->data_ptr<scalar_t>() : nullptr, gm ? grad_mask->data_ptr<scalar_t>() : nullptr, gwm,
-          block);
+      dispatch_channels(g.Cg, [&](auto cg_tag) {
+        fused_backward_kernel<scalar_t, decltype(gx_tag)::value, decltype(goff_tag)::value, decltype(val_tag)::value,
+                              decltype(cg_tag)::value>(
+            g, x.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(), has_mask ? mask->data_ptr<scalar_t>() : nullptr,
+            wm_t, gout.data_ptr<scalar_t>(), gx ? grad_x->data_ptr<scalar_t>() : nullptr,
+            goff ? grad_offset->data_ptr<scalar_t>() : nullptr, gm ? grad_mask->data_ptr<scalar_t>() : nullptr, gwm,
+            block);
+      });
     };
     const bool val = gw || gm;
     dispatch_flags(gx, goff, val, run);
