@@ -292,23 +292,28 @@ def test_implementations_agree(cin, cout, k, s, p, d, groups, og, shape, modulat
     assert (y0 - F.conv3d(x, w, bvec, _t3(s), _t3(p), _t3(d), groups)).abs().max().item() < 1e-10
 
 
-@pytest.mark.parametrize("batch,threads,cin", [(1, 2, 4), (2, 2, 4), (3, 2, 4), (4, 3, 4), (2, 1, 4), (2, 2, 16),
-                                               (3, 2, 32), (1, 2, 64), (2, 3, 8)])
-def test_compiled_gradients_for_any_batch_threads_and_width(batch, threads, cin):
+@pytest.mark.parametrize(
+    "batch,threads,cin,modulated",
+    [(1, 2, 4, False), (2, 2, 4, False), (3, 2, 4, True), (4, 3, 4, False), (2, 1, 4, False), (2, 2, 16, False),
+     (3, 2, 32, False), (2, 2, 32, True), (1, 2, 64, True), (2, 3, 8, False)],
+)
+def test_compiled_gradients_for_any_batch_threads_and_width(batch, threads, cin, modulated):
     """The fused kernels (threads scatter into private input-gradient copies; channel loops of width 16, 32 and 64
     compiled for that width) give the output and gradients of the pure PyTorch path."""
     torch.manual_seed(9)
     x = torch.randn(batch, cin, 5, 6, 4, dtype=DT, requires_grad=True)
     w = torch.randn(3, cin, 3, 3, 3, dtype=DT, requires_grad=True)
     off = _non_integer(2.0 * torch.randn(batch, 81, 5, 6, 4, dtype=DT)).requires_grad_()
+    mask = torch.rand(batch, 27, 5, 6, 4, dtype=DT, requires_grad=True) if modulated else None
+    leaves = [x, off, w] + ([mask] if modulated else [])
     g = torch.randn(batch, 3, 5, 6, 4, dtype=DT)
     before = torch.get_num_threads()
     grads = {}
     try:
         torch.set_num_threads(threads)
         for impl in ("gather", "compiled"):
-            y = deform_conv3d(x, off, w, None, 1, 1, 1, chunk_size=16, implementation=impl)
-            grads[impl] = (y, *torch.autograd.grad(y, [x, off, w], g))
+            y = deform_conv3d(x, off, w, None, 1, 1, 1, mask=mask, chunk_size=16, implementation=impl)
+            grads[impl] = (y, *torch.autograd.grad(y, leaves, g))
     finally:
         torch.set_num_threads(before)
     for a, b in zip(grads["gather"], grads["compiled"]):
