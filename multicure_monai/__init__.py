@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-__version__ = "0.15.0"
+__version__ = "0.15.1"
 
 __all__ = ["__version__"]
