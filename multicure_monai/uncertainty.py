@@ -6,8 +6,9 @@ threshold are uncertain (value 1), the others certain (value 0). The same confid
 mask of eq. 2 ("confidence exceeding 0.7") and the reliable / uncertain split of section 2.2.
 
 MONAI has no function that returns the max-probability confidence or a thresholded uncertainty map, so these
-small functions are written here, with the per-voxel class (:func:`predicted_labels`) they share. All inputs are probabilities (already soft-maxed), shaped
-``(B, C, *S)`` with ``S`` the spatial dimensions (``H, W`` or ``H, W, D``) and ``C >= 2``.
+small functions are written here, with the per-voxel class (:func:`predicted_labels`, which also takes logits)
+that the package shares. All inputs are probabilities (already soft-maxed), shaped ``(B, C, *S)`` with ``S`` the
+spatial dimensions (``H, W`` or ``H, W, D``) and ``C >= 2``.
 """
 
 from __future__ import annotations

@@ -11,9 +11,9 @@ distributes their gradient back:
 
 Algorithm (memory bounded, recompute in backward): output voxels are processed in chunks; the ``(n, K*C_in)``
 column block of a chunk is multiplied with the reshaped weight by one (grouped) GEMM. The Function saves only its
-inputs (the compiled path: its channels-last copy of the input instead); backward recomputes the columns chunk by chunk, gets the column gradient from one GEMM with the weight
-and hands it to the sampler (input, offset and mask gradients); the weight gradient is one GEMM of the columns
-with the output gradient.
+inputs (the compiled path: its channels-last copy of the input instead); backward recomputes the columns chunk by
+chunk, gets the column gradient from one GEMM with the weight and hands it to the sampler (input, offset and mask
+gradients); the weight gradient is one GEMM of the columns with the output gradient.
 """
 
 from __future__ import annotations
