@@ -320,6 +320,26 @@ def test_compiled_gradients_for_any_batch_threads_and_width(batch, threads, cin,
         assert (a - b).abs().max().item() < 1e-10
 
 
+@pytest.mark.parametrize("cin,modulated", [(8, False), (16, True), (32, False), (40, True), (64, False)])
+def test_compiled_float32_gradients_match_float64(cin, modulated):
+    """In float32 the fused kernels (lane-wise offset-gradient sums over whole registers plus a scalar tail) give
+    the float64 output and gradients to float32 rounding."""
+    torch.manual_seed(10)
+    x = torch.randn(2, cin, 5, 6, 4, dtype=DT)
+    w = torch.randn(3, cin, 3, 3, 3, dtype=DT)
+    off = _non_integer(2.0 * torch.randn(2, 81, 5, 6, 4, dtype=DT))
+    mask = torch.rand(2, 27, 5, 6, 4, dtype=DT) if modulated else None
+    g = torch.randn(2, 3, 5, 6, 4, dtype=DT)
+    results = {}
+    for dtype in (DT, torch.float32):
+        leaves = [t.to(dtype).requires_grad_() for t in [x, off, w] + ([mask] if modulated else [])]
+        y = deform_conv3d(*leaves[:3], None, 1, 1, 1, mask=leaves[3] if modulated else None, implementation="compiled")
+        results[dtype] = (y, *torch.autograd.grad(y, leaves, g.to(dtype)))
+    for a, b in zip(results[DT], results[torch.float32]):
+        assert b.dtype == torch.float32
+        assert (a - b.double()).abs().max().item() <= 1e-5 * a.abs().max().item()
+
+
 def test_grid_sample_gradcheck_and_bad_implementation():
     torch.manual_seed(9)
     x = torch.randn(1, 2, 4, 3, 3, dtype=DT, requires_grad=True)

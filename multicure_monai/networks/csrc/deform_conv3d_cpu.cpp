@@ -26,6 +26,10 @@
 
 #include <omp.h>
 
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <atomic>
 #include <exception>
@@ -166,6 +170,37 @@ inline bool trilinear_corners(const Geometry& g, T qd, T qh, T qw, const T* xg, 
   return true;
 }
 
+// Values of type T per SIMD register of the ISA the kernels are built for (AVX-512 or AVX2).
+#if defined(__AVX512F__)
+template <typename T>
+constexpr int kLanes = 64 / sizeof(T);
+#else
+template <typename T>
+constexpr int kLanes = 32 / sizeof(T);
+#endif
+
+// Sum of the L values of one register's worth of lanes, by halving (the compiler's own reduction of an array
+// is a chain of scalar adds); the float cases use the ISA's shuffles.
+template <typename T, int L>
+inline T lane_sum(const T* v) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same<T, float>::value && L == 16) return _mm512_reduce_add_ps(_mm512_loadu_ps(v));
+  if constexpr (std::is_same<T, double>::value && L == 8) return _mm512_reduce_add_pd(_mm512_loadu_pd(v));
+#elif defined(__AVX2__)
+  if constexpr (std::is_same<T, float>::value && L == 8) {
+    const __m256 x = _mm256_loadu_ps(v);
+    const __m128 h = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+  }
+#endif
+  T r[L];
+  for (int j = 0; j < L; ++j) r[j] = v[j];
+  for (int half = L / 2; half > 0; half /= 2)
+    for (int j = 0; j < half; ++j) r[j] += r[j + half];
+  return r[0];
+}
+
 // Output voxels per block of the chunk entry points (the fused ones take theirs from the caller).
 constexpr int64_t kSampleBlock = 64;
 
@@ -178,8 +213,8 @@ constexpr int64_t kSampleBlock = 64;
 template <typename T>
 struct BlockScratch {
   std::vector<T> zeros, sink, val;
-  std::vector<int64_t> org, base;  // (3, n) window origins per axis; (n) corner-0 index or -1
-  std::vector<T> q, t;             // (3, n) sample coordinates and their fractional parts
+  std::vector<T> org, q, t;  // (3, n) window origins per axis (integers), sample coordinates, fractional parts
+  std::vector<int64_t> base;  // (n) corner-0 index or -1
   int64_t n = 0;
 
   explicit BlockScratch(int64_t cg) : zeros(cg, T(0)), sink(cg, T(0)), val(cg, T(0)) {}
@@ -193,21 +228,32 @@ struct BlockScratch {
     t.resize(3 * n);
     for (int64_t i = 0; i < n; ++i) {
       const int64_t s = s0 + i, pos[3] = {s / (g.Ho * g.Wo), (s / g.Wo) % g.Ho, s % g.Wo};
-      for (int a = 0; a < 3; ++a) org[a * n + i] = pos[a] * g.stride[a] - g.padding[a];
+      for (int a = 0; a < 3; ++a) org[a * n + i] = T(pos[a] * g.stride[a] - g.padding[a]);
     }
   }
 
   // Kernel point k of the block, o: its offsets at the block's first voxel (axis stride os[3], voxel os[4]).
+  // Unit voxel stride (the contiguous offsets of a convolution's output) gets its own loop: a runtime stride
+  // keeps the compiler from vectorising it. Corner indices go through int32 (a coordinate inside the volume
+  // fits), for which every ISA has a vector conversion.
   void prepare(const Geometry& g, const T* o, int64_t k) {
-    const int64_t *od = org.data(), *oh = od + n, *ow = oh + n, *kd = &g.kdisp[3 * k];
-    const int64_t so = g.os[4], sa = g.os[3], HWC = g.H * g.W * g.C, WC = g.W * g.C, C = g.C;
+    if (g.os[4] == 1)
+      prepare_strided(g, o, k, std::integral_constant<int64_t, 1>{});
+    else
+      prepare_strided(g, o, k, g.os[4]);
+  }
+
+  template <typename Stride>
+  void prepare_strided(const Geometry& g, const T* o, int64_t k, Stride so) {
+    const T *od = org.data(), *oh = od + n, *ow = oh + n;
+    const T kd = T(g.kdisp[3 * k]), kh = T(g.kdisp[3 * k + 1]), kw = T(g.kdisp[3 * k + 2]);
+    const int64_t sa = g.os[3], HWC = g.H * g.W * g.C, WC = g.W * g.C, C = g.C;
     const T dm = T(g.D - 1), hm = T(g.H - 1), wm = T(g.W - 1);
     T *qd = q.data(), *qh = qd + n, *qw = qh + n, *td = t.data(), *th = td + n, *tw = th + n;
     int64_t* bs = base.data();
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
-      const T a = T(od[i] + kd[0]) + o[i * so], b = T(oh[i] + kd[1]) + o[i * so + sa],
-              c = T(ow[i] + kd[2]) + o[i * so + 2 * sa];
+      const T a = (od[i] + kd) + o[i * so], b = (oh[i] + kh) + o[i * so + sa], c = (ow[i] + kw) + o[i * so + 2 * sa];
       const T fa = std::floor(a), fb = std::floor(b), fc = std::floor(c);
       qd[i] = a;
       qh[i] = b;
@@ -217,7 +263,8 @@ struct BlockScratch {
       tw[i] = c - fc;
       const bool in = fa >= T(0) && fa < dm && fb >= T(0) && fb < hm && fc >= T(0) && fc < wm;
       const T ia = in ? fa : T(0), ib = in ? fb : T(0), ic = in ? fc : T(0);  // no cast of an out-of-range value
-      bs[i] = in ? static_cast<int64_t>(ia) * HWC + static_cast<int64_t>(ib) * WC + static_cast<int64_t>(ic) * C
+      bs[i] = in ? int64_t(static_cast<int32_t>(ia)) * HWC + int64_t(static_cast<int32_t>(ib)) * WC +
+                       int64_t(static_cast<int32_t>(ic)) * C
                  : int64_t(-1);
     }
   }
@@ -300,6 +347,7 @@ template <typename T, bool GX, bool GOFF, bool VAL, int CG = 0>
 inline void backward_block(const Geometry& g, const T* xb, const T* off, const T* mask, const T* gcb, int64_t b,
                            int64_t first, int64_t n, T* cols_b, T* gxb, T* goff, T* gmask, BlockScratch<T>& sc) {
   Corners<T> cr;
+  constexpr int L = kLanes<T>;
   const int64_t cg = CG > 0 ? CG : g.Cg, KC = g.K * g.C;
   T* val = sc.val.data();
   sc.origins(g, first, n);
@@ -324,10 +372,11 @@ inline void backward_block(const Geometry& g, const T* xb, const T* off, const T
           const T fd = cr.frac[0], fh = cr.frac[1], fw = cr.frac[2];
           // The offset gradient is gout . d(value)/d(coordinate). The value's three derivatives come from the
           // interpolation's own lerps (w, then h, then d; a corner outside reads zero, so its weight does not
-          // matter), which also give the value: three sums per sample instead of one per corner.
-          T sd = T(0), sh = T(0), sw = T(0);
-  #pragma omp simd reduction(+ : sd, sh, sw)
-          for (int64_t ch = 0; ch < cg; ++ch) {
+          // matter), which also give the value: three sums per sample instead of one per corner. The sums run
+          // lane-wise (pd / ph / pw, one vector each) and are reduced once per sample: a reduction variable in
+          // the channel loop compiles to an in-order sum, one dependent scalar add per channel.
+          T pd[L] = {}, ph[L] = {}, pw[L] = {};
+          auto channel = [&](int64_t ch, int j) {
             const T gv = gc[ch];
             const T v0 = s0[ch], v1 = s1[ch], v2 = s2[ch], v3 = s3[ch], v4 = s4[ch], v5 = s5[ch], v6 = s6[ch],
                     v7 = s7[ch];
@@ -337,9 +386,9 @@ inline void backward_block(const Geometry& g, const T* xb, const T* off, const T
               const T h0 = p01 - p00, h1 = p11 - p10;  // along h, planes d = 0, 1
               const T q0 = p00 + fh * h0, q1 = p10 + fh * h1;
               const T r0 = e00 + fh * (e01 - e00), r1 = e10 + fh * (e11 - e10);
-              sd += gv * (q1 - q0);
-              sh += gv * (h0 + fd * (h1 - h0));
-              sw += gv * (r0 + fd * (r1 - r0));
+              pd[j] += gv * (q1 - q0);
+              ph[j] += gv * (h0 + fd * (h1 - h0));
+              pw[j] += gv * (r0 + fd * (r1 - r0));
               if constexpr (VAL) val[ch] = q0 + fd * (q1 - q0);
             } else if constexpr (VAL) {
               T acc = w[0] * v0;
@@ -362,10 +411,18 @@ inline void backward_block(const Geometry& g, const T* xb, const T* off, const T
               d6[ch] += wm[6] * gv;
               d7[ch] += wm[7] * gv;
             }
+          };
+          const int64_t whole = cg - cg % L;
+          for (int64_t c0 = 0; c0 < whole; c0 += L) {
+#pragma omp simd
+            for (int j = 0; j < L; ++j) channel(c0 + j, j);
           }
-          gq[0] = sd;
-          gq[1] = sh;
-          gq[2] = sw;
+          for (int64_t ch = whole; ch < cg; ++ch) channel(ch, static_cast<int>(ch - whole));
+          if constexpr (GOFF) {
+            gq[0] = lane_sum<T, L>(pd);
+            gq[1] = lane_sum<T, L>(ph);
+            gq[2] = lane_sum<T, L>(pw);
+          }
         } else if (VAL) {
           std::fill(val, val + cg, T(0));
         }
