@@ -6,7 +6,9 @@ Usage::
     python3 benchmarks/deform_conv3d.py --shape 4 32 32 32 24   # MultiCURE's layer in the 2+2 x 56x56x40 LA step
 
 Time: median of ``--repeats`` runs (after ``--warmup`` runs) of forward + backward (input, weights and,
-for the deformable conv, offsets all require grad), measured with ``time.perf_counter`` (CUDA synchronised).
+for the deformable conv, offsets all require grad; their gradients are cleared before each run, as by
+``zero_grad``; the output gradient is a dense tensor of ones, as a following layer would pass back), measured with
+``time.perf_counter`` (CUDA synchronised).
 
 Peak memory:
     * CUDA: ``torch.cuda.max_memory_allocated`` after resetting the peak, minus the memory held by the
@@ -24,7 +26,7 @@ weight group, the same chunking as ``gather`` with C++ sampling otherwise); opti
 ``grid_sample`` (one ``F.grid_sample`` into a (B, C, K*D, H, W) tensor, then one GEMM; the CUDA default).
 Timings alternate between the variants (round robin), so a change in machine load hits all of them alike.
 ``--against REV`` adds ``compiled@REV``: the C++ kernels of git revision REV, built under their own name, so that
-a kernel change is timed against its predecessor in one process.
+a kernel change is timed against its predecessor in one process (both with today's compiler flags).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import multicure_monai.networks.deform_conv as deform_conv_module  # noqa: E402
 from multicure_monai.networks.deform_conv import DeformConv3d  # noqa: E402
-from multicure_monai.networks.deform_conv_extension import ISA_ENV, SOURCE, _isa_flags  # noqa: E402
+from multicure_monai.networks.deform_conv_extension import COMPILE_FLAGS, ISA_ENV, SOURCE, _isa_flags  # noqa: E402
 
 #: kernel modules of other revisions (``--against``), by variant name
 _OTHER_KERNELS: dict = {}
@@ -65,10 +67,23 @@ def load_kernels_of(rev: str) -> str:
         f.write(src)
     name = f"compiled@{tag}"
     _OTHER_KERNELS[name] = load(name=f"deform_conv_bench_{tag}", sources=[path],
-                                extra_cflags=["-O3", "-fopenmp", *_isa_flags()[1]], extra_ldflags=["-fopenmp"])  # fmt: skip
+                                extra_cflags=[*COMPILE_FLAGS, *_isa_flags()[1]], extra_ldflags=["-fopenmp"])  # fmt: skip
     return name
 
 __all__ = ["main"]
+
+
+def _fresh_grads(fn, leaves: list, mod: torch.nn.Module):
+    """``fn`` after clearing the gradients of its inputs and module: each step stores its gradients, as a training
+    step after ``zero_grad()`` does, instead of adding them to the previous step's."""
+
+    def run() -> torch.Tensor:
+        for t in leaves:
+            t.grad = None
+        mod.zero_grad(set_to_none=True)
+        return fn()
+
+    return run
 
 
 def _make(variant: str, shape, cout: int, device: str, seed: int = 0):
@@ -77,12 +92,12 @@ def _make(variant: str, shape, cout: int, device: str, seed: int = 0):
     x = torch.randn(b, c, d, h, w, device=device, requires_grad=True)
     if variant == "conv":
         mod = torch.nn.Conv3d(c, cout, 3, padding=1).to(device)
-        return (lambda: mod(x)), [x]
+        return _fresh_grads(lambda: mod(x), [x], mod), [x]
     offset = (0.5 * torch.randn(b, 81, d, h, w, device=device)).requires_grad_()
     other = _OTHER_KERNELS.get(variant)
     mod = DeformConv3d(c, cout, 3, padding=1, implementation="compiled" if other else variant).to(device)
     if other is None:
-        return (lambda: mod(x, offset)), [x, offset]
+        return _fresh_grads(lambda: mod(x, offset), [x, offset], mod), [x, offset]
 
     def run_other() -> torch.Tensor:  # the module looks its kernels up at each forward
         current = deform_conv_module.load_cpu_extension
@@ -92,12 +107,19 @@ def _make(variant: str, shape, cout: int, device: str, seed: int = 0):
         finally:
             deform_conv_module.load_cpu_extension = current
 
-    return run_other, [x, offset]
+    return _fresh_grads(run_other, [x, offset], mod), [x, offset]
+
+
+#: the output gradient of each output shape and layout: a dense tensor, as a following layer passes back
+_OUTPUT_GRADS: dict = {}
 
 
 def _step(fn) -> None:
     y = fn()
-    y.sum().backward()
+    key = (tuple(y.shape), y.stride(), y.dtype, y.device)
+    if key not in _OUTPUT_GRADS:
+        _OUTPUT_GRADS[key] = torch.ones_like(y)
+    y.backward(_OUTPUT_GRADS[key])
 
 
 def _sync(device: str) -> None:

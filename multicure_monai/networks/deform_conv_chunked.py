@@ -174,11 +174,11 @@ class DeformConv3dFunction(torch.autograd.Function):
             # the output takes the input's memory format: channels-last rows (n, C_out) are what the GEMM yields
             channels_last = _is_channels_last(x)
             fused = sampler.fused
-            out = x.new_empty(geo.B, geo.S, cout) if channels_last or fused else x.new_empty(geo.B, cout, geo.S)
+            out = x.new_empty(geo.B, geo.S, cout) if channels_last else x.new_empty(geo.B, cout, geo.S)
             if fused:
-                sampler.fused_forward(offv, maskv, wm, out, chunk)
+                sampler.fused_forward(offv, maskv, wm, out, chunk, channels_first=not channels_last)
                 if bias is not None:
-                    out += bias
+                    out += bias if channels_last else bias[:, None]
             for b, s0, s1 in () if fused else _chunks(geo, chunk):
                 cols = sampler.columns(offv, maskv, b, s0, s1)  # (n, K*C_in)
                 res = torch.bmm(_group_cols(cols, groups, geo.K), wm)  # (g, n, C_out/g)
@@ -194,8 +194,6 @@ class DeformConv3dFunction(torch.autograd.Function):
         ctx.conf = (stride, padding, dilation, groups, og, out_sz, chunk, bias is not None, ext)
         if channels_last:
             return out.view(geo.B, *out_sz, cout).permute(0, 4, 1, 2, 3)
-        if fused:  # channels-first input: channels-first output, as nn.Conv3d
-            return out.view(geo.B, *out_sz, cout).permute(0, 4, 1, 2, 3).contiguous()
         return out.view(geo.B, cout, *out_sz)
 
     @staticmethod
@@ -223,9 +221,8 @@ class DeformConv3dFunction(torch.autograd.Function):
             g_wm = wm.new_zeros(wm.shape) if need_w else None
             sampler = _sampler(ext, geo, x, groups, need_x)
             if sampler.fused:
-                rows = gout if grad_cl else grad_out.permute(0, 2, 3, 4, 1).reshape(geo.B, geo.S, cout)
-                sampler.fused_backward(offv, maskv, wm, rows, g_off, g_mask, g_wm, chunk)
-                gout, grad_cl = rows, True  # for the bias gradient
+                gout = gout.contiguous()
+                sampler.fused_backward(offv, maskv, wm, gout, g_off, g_mask, g_wm, chunk, channels_first=not grad_cl)
             for b, s0, s1 in () if sampler.fused else _chunks(geo, chunk):
                 n = s1 - s0
                 if grad_cl:

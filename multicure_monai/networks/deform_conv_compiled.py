@@ -84,7 +84,13 @@ class CompiledSampler:
         return cols.view(s1 - s0, -1) if need_cols else None
 
     def fused_forward(
-        self, offv: torch.Tensor, maskv: torch.Tensor | None, wm: torch.Tensor, out: torch.Tensor, chunk: int
+        self,
+        offv: torch.Tensor,
+        maskv: torch.Tensor | None,
+        wm: torch.Tensor,
+        out: torch.Tensor,
+        chunk: int,
+        channels_first: bool = False,
     ) -> None:
         """Whole convolution without bias, one weight group (extension ``fused_forward``).
 
@@ -92,11 +98,13 @@ class CompiledSampler:
             offv: offsets, (B, G_off, K, 3, S).
             maskv: None or mask, (B, G_off, K, S).
             wm: weight matrix, (1, K*C_in, C_out).
-            out: written, contiguous (B, S, C_out).
+            out: written, contiguous (B, S, C_out), or (B, C_out, S) when ``channels_first``.
             chunk: chunk size; blocks of ``min(chunk, FUSED_BLOCK)`` output voxels.
+            channels_first: the layout of ``out``.
         """
         self.ext.fused_forward(
-            self.x_cl, offv, maskv, wm[0].contiguous(), *_ext_args(self.geo), out, min(chunk, FUSED_BLOCK)
+            self.x_cl, offv, maskv, wm[0].contiguous(), *_ext_args(self.geo), out, channels_first,
+            min(chunk, FUSED_BLOCK),
         )
 
     def fused_backward(
@@ -109,6 +117,7 @@ class CompiledSampler:
         g_mask: torch.Tensor | None,
         g_wm: torch.Tensor | None,
         chunk: int,
+        channels_first: bool = False,
     ) -> None:
         """Backward of :meth:`fused_forward` (extension ``fused_backward``).
 
@@ -119,15 +128,16 @@ class CompiledSampler:
             offv: offsets, (B, G_off, K, 3, S).
             maskv: None or mask, (B, G_off, K, S).
             wm: weight matrix, (1, K*C_in, C_out).
-            gout: output gradient rows, (B, S, C_out).
+            gout: output gradient, (B, S, C_out) rows, or (B, C_out, S) when ``channels_first``.
             g_off: None or offset gradient, (B, G_off, K, 3, S).
             g_mask: None or mask gradient, (B, G_off, K, S).
             g_wm: None or weight-matrix gradient, (1, K*C_in, C_out).
             chunk: chunk size; blocks of ``min(chunk, FUSED_BLOCK)`` output voxels.
+            channels_first: the layout of ``gout``.
         """
         self.ext.fused_backward(
             self.x_cl, offv, maskv, wm[0].t().contiguous(), gout.contiguous(), *_ext_args(self.geo), self.g_x_cl,
-            g_off, g_mask, None if g_wm is None else g_wm[0], min(chunk, FUSED_BLOCK),
+            g_off, g_mask, None if g_wm is None else g_wm[0], channels_first, min(chunk, FUSED_BLOCK),
         )
 
     def grad_input(self) -> torch.Tensor:

@@ -523,12 +523,31 @@ void backward_kernel(const Geometry& g, const T* x, const T* off, const T* mask,
   trap.rethrow();
 }
 
-// Fused forward for one weight group: the output rows (B, S, C_out) are the sampled columns times wm
+// Output rows of output voxels s0 .. s0 + n - 1 of batch item b are (n, C_out) blocks of a (B, S, C_out) tensor,
+// or, when it is channels-first (B, C_out, S), blocks transposed through a buffer in the thread's cache: the
+// GEMMs are faster on row blocks than on transposed views.
+template <typename T>
+void channels_first_to_rows(const T* cf, const Geometry& g, int64_t cout, int64_t b, int64_t s0, int64_t n, T* rows) {
+  for (int64_t co = 0; co < cout; ++co) {
+    const T* src = cf + (b * cout + co) * g.S + s0;
+    for (int64_t i = 0; i < n; ++i) rows[i * cout + co] = src[i];
+  }
+}
+
+template <typename T>
+void rows_to_channels_first(const T* rows, const Geometry& g, int64_t cout, int64_t b, int64_t s0, int64_t n, T* cf) {
+  for (int64_t co = 0; co < cout; ++co) {
+    T* dst = cf + (b * cout + co) * g.S + s0;
+    for (int64_t i = 0; i < n; ++i) dst[i] = rows[i * cout + co];
+  }
+}
+
+// Fused forward for one weight group: the output rows (see block_rows) are the sampled columns times wm
 // (K*C, C_out), computed block by block (block output voxels per step) so that a block's columns stay in the
 // thread's cache; the products run single-threaded inside the parallel region.
 template <typename T, int CG>
 void fused_forward_kernel(const Geometry& g, const T* x, const T* off, const T* mask, const at::Tensor& wm, T* out,
-                          int64_t block) {
+                          bool channels_first, int64_t block) {
   const int64_t KC = g.K * g.C, cout = wm.size(1);
   const int64_t per_item = (g.S + block - 1) / block, total = g.B * per_item;
   const int64_t rows = g.D * g.H * g.W;
@@ -536,9 +555,12 @@ void fused_forward_kernel(const Geometry& g, const T* x, const T* off, const T* 
 #pragma omp parallel
   {
     at::NoGradGuard no_grad;  // grad mode is per thread: the workers' products must not see autograd either
-    std::vector<T> buf;
+    std::vector<T> buf, obuf;
     BlockScratch<T> sc(g.Cg);
-    trap.run([&] { buf.resize(block * KC); });
+    trap.run([&] {
+      buf.resize(block * KC);
+      obuf.resize(channels_first ? block * cout : 0);
+    });
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < total; ++t) {
       trap.run([&] {
@@ -546,8 +568,10 @@ void fused_forward_kernel(const Geometry& g, const T* x, const T* off, const T* 
         const T* xb = x + b * rows * g.C;
         sample_block<T, CG>(g, xb, off, mask, b, s0, n, buf.data(), sc);
         at::Tensor cols = at::from_blob(buf.data(), {n, KC}, wm.options());
-        at::Tensor rows_out = at::from_blob(out + (b * g.S + s0) * cout, {n, cout}, wm.options());
+        T* out_rows = channels_first ? obuf.data() : out + (b * g.S + s0) * cout;
+        at::Tensor rows_out = at::from_blob(out_rows, {n, cout}, wm.options());
         at::mm_out(rows_out, cols, wm);
+        if (channels_first) rows_to_channels_first<T>(out_rows, g, cout, b, s0, n, out);
       });
     }
   }
@@ -559,7 +583,8 @@ void fused_forward_kernel(const Geometry& g, const T* x, const T* off, const T* 
 // columns^T x gout_rows accumulated per thread. gwm (K*C, C_out) is undefined when not needed.
 template <typename T, bool GX, bool GOFF, bool VAL, int CG>
 void fused_backward_kernel(const Geometry& g, const T* x, const T* off, const T* mask, const at::Tensor& wm_t,
-                           const T* gout, T* gx, T* goff, T* gmask, const at::Tensor& gwm, int64_t block) {
+                           const T* gout, bool channels_first, T* gx, T* goff, T* gmask, const at::Tensor& gwm,
+                           int64_t block) {
   const int64_t KC = g.K * g.C, cout = wm_t.size(0);
   const int64_t per_item = (g.S + block - 1) / block, total = g.B * per_item;
   const int64_t rows = g.D * g.H * g.W;
@@ -573,12 +598,13 @@ void fused_backward_kernel(const Geometry& g, const T* x, const T* off, const T*
     at::NoGradGuard no_grad;  // grad mode is per thread: the workers' products must not see autograd either
     const int tid = omp_get_thread_num();
     T* gxp = nullptr;
-    std::vector<T> gbuf, cbuf;
+    std::vector<T> gbuf, cbuf, rbuf;
     BlockScratch<T> sc(g.Cg);
     trap.run([&] {
       gxp = pg.mine(tid);
       gbuf.resize(block * KC);
       cbuf.resize(need_w ? block * KC : 0);
+      rbuf.resize(channels_first ? block * cout : 0);
       if (need_w) gwm_private[tid] = at::zeros_like(gwm);
     });
 #pragma omp for schedule(static)
@@ -586,7 +612,9 @@ void fused_backward_kernel(const Geometry& g, const T* x, const T* off, const T*
       trap.run([&] {
         const int64_t b = t / per_item, s0 = (t % per_item) * block, n = std::min(g.S, s0 + block) - s0;
         const T* xb = x + b * rows * g.C;
-        at::Tensor grows = at::from_blob(const_cast<T*>(gout) + (b * g.S + s0) * cout, {n, cout}, wm_t.options());
+        if (channels_first) channels_first_to_rows<T>(gout, g, cout, b, s0, n, rbuf.data());
+        T* gout_rows = channels_first ? rbuf.data() : const_cast<T*>(gout) + (b * g.S + s0) * cout;
+        at::Tensor grows = at::from_blob(gout_rows, {n, cout}, wm_t.options());
         at::Tensor gcols = at::from_blob(gbuf.data(), {n, KC}, wm_t.options());
         at::mm_out(gcols, grows, wm_t);
         backward_block<T, GX, GOFF, VAL, CG>(g, xb, off, mask, gbuf.data(), b, s0, n,
@@ -705,42 +733,48 @@ at::Tensor backward(const at::Tensor& x, const at::Tensor& offset, const c10::op
   return cols;
 }
 
-// Fused forward (one weight group): out (B, S, C_out) contiguous rows = sampled columns x wm (K*C, C_out).
+// Checks that t holds contiguous output rows of g, (B, S, C_out), or (B, C_out, S) when channels_first.
+void check_rows(const at::Tensor& t, const Geometry& g, int64_t cout, bool channels_first, const at::Tensor& x,
+                const char* name) {
+  const int64_t d1 = channels_first ? cout : g.S, d2 = channels_first ? g.S : cout;
+  TORCH_CHECK(t.is_contiguous() && t.dim() == 3 && t.size(0) == g.B && t.size(1) == d1 && t.size(2) == d2 &&
+                  t.scalar_type() == x.scalar_type(),
+              name, channels_first ? " must be a contiguous (B, C_out, S)" : " must be a contiguous (B, S, C_out)");
+}
+
+// Fused forward (one weight group): out, contiguous (B, S, C_out) rows or (B, C_out, S) when channels_first, =
+// sampled columns x wm (K*C, C_out).
 void fused_forward(const at::Tensor& x, const at::Tensor& offset, const c10::optional<at::Tensor>& mask,
                    const at::Tensor& wm, std::vector<int64_t> ksize, std::vector<int64_t> stride,
                    std::vector<int64_t> padding, std::vector<int64_t> dilation, std::vector<int64_t> out_size,
-                   at::Tensor& out, int64_t block) {
+                   at::Tensor& out, bool channels_first, int64_t block) {
   const Geometry g = make_geometry(x, offset, mask, ksize, stride, padding, dilation, out_size);
   TORCH_CHECK(block >= 1, "block must be >= 1");
   TORCH_CHECK(offset.scalar_type() == x.scalar_type() && wm.scalar_type() == x.scalar_type(), "dtype mismatch");
   TORCH_CHECK(wm.is_contiguous() && wm.dim() == 2 && wm.size(0) == g.K * g.C, "wm must be a contiguous (K*C, C_out)");
-  TORCH_CHECK(out.is_contiguous() && out.dim() == 3 && out.size(0) == g.B && out.size(1) == g.S &&
-                  out.size(2) == wm.size(1) && out.scalar_type() == x.scalar_type(),
-              "out must be a contiguous (B, S, C_out)");
+  check_rows(out, g, wm.size(1), channels_first, x, "out");
   const bool has_mask = mask.has_value() && mask->defined();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "deform_conv3d_fused_forward", [&] {
     dispatch_channels(g.Cg, [&](auto cg_tag) {
       fused_forward_kernel<scalar_t, decltype(cg_tag)::value>(g, x.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(),
                                                               has_mask ? mask->data_ptr<scalar_t>() : nullptr, wm,
-                                                              out.data_ptr<scalar_t>(), block);
+                                                              out.data_ptr<scalar_t>(), channels_first, block);
     });
   });
 }
 
-// Fused backward (one weight group) from the output gradient rows gout (B, S, C_out): accumulates into grad_x
-// (B, D, H, W, C) and grad_wm (K*C, C_out), writes grad_offset / grad_mask, each when defined.
+// Fused backward (one weight group) from the output gradient gout, laid out as fused_forward's out: accumulates
+// into grad_x (B, D, H, W, C) and grad_wm (K*C, C_out), writes grad_offset / grad_mask, each when defined.
 void fused_backward(const at::Tensor& x, const at::Tensor& offset, const c10::optional<at::Tensor>& mask,
                     const at::Tensor& wm_t, const at::Tensor& gout, std::vector<int64_t> ksize,
                     std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation,
                     std::vector<int64_t> out_size, const c10::optional<at::Tensor>& grad_x,
                     const c10::optional<at::Tensor>& grad_offset, const c10::optional<at::Tensor>& grad_mask,
-                    const c10::optional<at::Tensor>& grad_wm, int64_t block) {
+                    const c10::optional<at::Tensor>& grad_wm, bool channels_first, int64_t block) {
   Geometry g = make_geometry(x, offset, mask, ksize, stride, padding, dilation, out_size);
   TORCH_CHECK(block >= 1, "block must be >= 1");
   TORCH_CHECK(wm_t.is_contiguous() && wm_t.dim() == 2 && wm_t.size(1) == g.K * g.C, "wm_t must be (C_out, K*C)");
-  TORCH_CHECK(gout.is_contiguous() && gout.dim() == 3 && gout.size(0) == g.B && gout.size(1) == g.S &&
-                  gout.size(2) == wm_t.size(0) && gout.scalar_type() == x.scalar_type(),
-              "gout must be contiguous (B, S, C_out) rows");
+  check_rows(gout, g, wm_t.size(0), channels_first, x, "gout");
   const bool has_mask = mask.has_value() && mask->defined();
   const GradBuffers gb = check_grad_buffers(g, x, offset, mask, grad_x, grad_offset, grad_mask);
   const bool gx = gb.x, goff = gb.offset, gm = gb.mask, gw = grad_wm.has_value() && grad_wm->defined();
@@ -754,7 +788,7 @@ void fused_backward(const at::Tensor& x, const at::Tensor& offset, const c10::op
         fused_backward_kernel<scalar_t, decltype(gx_tag)::value, decltype(goff_tag)::value, decltype(val_tag)::value,
                               decltype(cg_tag)::value>(
             g, x.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(), has_mask ? mask->data_ptr<scalar_t>() : nullptr,
-            wm_t, gout.data_ptr<scalar_t>(), gx ? grad_x->data_ptr<scalar_t>() : nullptr,
+            wm_t, gout.data_ptr<scalar_t>(), channels_first, gx ? grad_x->data_ptr<scalar_t>() : nullptr,
             goff ? grad_offset->data_ptr<scalar_t>() : nullptr, gm ? grad_mask->data_ptr<scalar_t>() : nullptr, gwm,
             block);
       });
