@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-__version__ = "0.15.1"
+__version__ = "0.15.2"
 
 __all__ = ["__version__"]
