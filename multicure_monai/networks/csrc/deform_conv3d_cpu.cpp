@@ -542,7 +542,7 @@ void rows_to_channels_first(const T* rows, const Geometry& g, int64_t cout, int6
   }
 }
 
-// Fused forward for one weight group: the output rows (see block_rows) are the sampled columns times wm
+// Fused forward for one weight group: the output rows (see channels_first_to_rows) are the sampled columns times wm
 // (K*C, C_out), computed block by block (block output voxels per step) so that a block's columns stay in the
 // thread's cache; the products run single-threaded inside the parallel region.
 template <typename T, int CG>
