@@ -96,10 +96,10 @@ def _make(variant: str, shape, cout: int, device: str, seed: int = 0):
     offset = (0.5 * torch.randn(b, 81, d, h, w, device=device)).requires_grad_()
     other = _OTHER_KERNELS.get(variant)
     mod = DeformConv3d(c, cout, 3, padding=1, implementation="compiled" if other else variant).to(device)
-    if other is None:
-        return _fresh_grads(lambda: mod(x, offset), [x, offset], mod), [x, offset]
 
-    def run_other() -> torch.Tensor:  # the module looks its kernels up at each forward
+    def run() -> torch.Tensor:  # the module looks its kernels up at each forward
+        if other is None:
+            return mod(x, offset)
         current = deform_conv_module.load_cpu_extension
         deform_conv_module.load_cpu_extension = lambda: other
         try:
@@ -107,7 +107,7 @@ def _make(variant: str, shape, cout: int, device: str, seed: int = 0):
         finally:
             deform_conv_module.load_cpu_extension = current
 
-    return _fresh_grads(run_other, [x, offset], mod), [x, offset]
+    return _fresh_grads(run, [x, offset], mod), [x, offset]
 
 
 #: the output gradient of each output shape and layout: a dense tensor, as a following layer passes back

@@ -221,7 +221,6 @@ class DeformConv3dFunction(torch.autograd.Function):
             g_wm = wm.new_zeros(wm.shape) if need_w else None
             sampler = _sampler(ext, geo, x, groups, need_x)
             if sampler.fused:
-                gout = gout.contiguous()
                 sampler.fused_backward(offv, maskv, wm, gout, g_off, g_mask, g_wm, chunk, channels_first=not grad_cl)
             for b, s0, s1 in () if sampler.fused else _chunks(geo, chunk):
                 n = s1 - s0

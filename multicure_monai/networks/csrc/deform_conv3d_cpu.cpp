@@ -523,26 +523,17 @@ void backward_kernel(const Geometry& g, const T* x, const T* off, const T* mask,
   trap.rethrow();
 }
 
-// Output rows of output voxels s0 .. s0 + n - 1 of batch item b are (n, C_out) blocks of a (B, S, C_out) tensor,
-// or, when it is channels-first (B, C_out, S), blocks transposed through a buffer in the thread's cache: the
-// GEMMs are faster on row blocks than on transposed views.
+// dst[j * dst_ld + i] = src[i * src_ld + j] for i < rows, j < cols: one block transposed. Output rows of output
+// voxels s0 .. s0 + n - 1 of batch item b are (n, C_out) blocks of a (B, S, C_out) tensor, or, when it is
+// channels-first (B, C_out, S), blocks transposed through a buffer in the thread's cache: the GEMMs are faster on
+// row blocks than on transposed views.
 template <typename T>
-void channels_first_to_rows(const T* cf, const Geometry& g, int64_t cout, int64_t b, int64_t s0, int64_t n, T* rows) {
-  for (int64_t co = 0; co < cout; ++co) {
-    const T* src = cf + (b * cout + co) * g.S + s0;
-    for (int64_t i = 0; i < n; ++i) rows[i * cout + co] = src[i];
-  }
+void transpose_block(const T* src, int64_t rows, int64_t cols, int64_t src_ld, T* dst, int64_t dst_ld) {
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) dst[j * dst_ld + i] = src[i * src_ld + j];
 }
 
-template <typename T>
-void rows_to_channels_first(const T* rows, const Geometry& g, int64_t cout, int64_t b, int64_t s0, int64_t n, T* cf) {
-  for (int64_t co = 0; co < cout; ++co) {
-    T* dst = cf + (b * cout + co) * g.S + s0;
-    for (int64_t i = 0; i < n; ++i) dst[i] = rows[i * cout + co];
-  }
-}
-
-// Fused forward for one weight group: the output rows (see channels_first_to_rows) are the sampled columns times wm
+// Fused forward for one weight group: the output rows (see transpose_block) are the sampled columns times wm
 // (K*C, C_out), computed block by block (block output voxels per step) so that a block's columns stay in the
 // thread's cache; the products run single-threaded inside the parallel region.
 template <typename T, int CG>
@@ -571,7 +562,7 @@ void fused_forward_kernel(const Geometry& g, const T* x, const T* off, const T* 
         T* out_rows = channels_first ? obuf.data() : out + (b * g.S + s0) * cout;
         at::Tensor rows_out = at::from_blob(out_rows, {n, cout}, wm.options());
         at::mm_out(rows_out, cols, wm);
-        if (channels_first) rows_to_channels_first<T>(out_rows, g, cout, b, s0, n, out);
+        if (channels_first) transpose_block<T>(out_rows, n, cout, cout, out + b * cout * g.S + s0, g.S);
       });
     }
   }
@@ -612,7 +603,7 @@ void fused_backward_kernel(const Geometry& g, const T* x, const T* off, const T*
       trap.run([&] {
         const int64_t b = t / per_item, s0 = (t % per_item) * block, n = std::min(g.S, s0 + block) - s0;
         const T* xb = x + b * rows * g.C;
-        if (channels_first) channels_first_to_rows<T>(gout, g, cout, b, s0, n, rbuf.data());
+        if (channels_first) transpose_block<T>(gout + b * cout * g.S + s0, cout, n, g.S, rbuf.data(), cout);
         T* gout_rows = channels_first ? rbuf.data() : const_cast<T*>(gout) + (b * g.S + s0) * cout;
         at::Tensor grows = at::from_blob(gout_rows, {n, cout}, wm_t.options());
         at::Tensor gcols = at::from_blob(gbuf.data(), {n, KC}, wm_t.options());
